@@ -1,0 +1,3 @@
+from trace_lib.cli import main
+
+main()

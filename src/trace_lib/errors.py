@@ -1,0 +1,43 @@
+"""One family of errors for everything a user can get wrong.
+
+Every error trace raises on bad input is a :class:`TraceError`. Its message is one line that says what
+was wrong and what to do; the CLI prints it without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class TraceError(Exception):
+    """Base class: a problem with the user's input or environment, reported in one line."""
+
+
+class ModelNotFoundError(TraceError):
+    """A model spec that names no file, folder or known model."""
+
+
+class ModelFormatError(TraceError):
+    """A file or folder that is not a loadable model (no config, truncated or non-GGUF file)."""
+
+
+class UnsupportedArchitectureError(TraceError):
+    """A model whose architecture trace has no hook-point adapter for."""
+
+
+class HookError(TraceError):
+    """An unknown hook name, a layer out of range, or activations that cannot be used (NaN/Inf)."""
+
+
+class QuantizationError(TraceError):
+    """A quantization config that is invalid or cannot run on this machine."""
+
+
+class DatasetError(TraceError):
+    """An unknown, empty or malformed dataset."""
+
+
+class SAEError(TraceError):
+    """An SAE that cannot be loaded or does not fit the model it is applied to."""
+
+
+class ResultFormatError(TraceError):
+    """A result file of another kind or from an incompatible version."""
