@@ -5,8 +5,12 @@ Import as ``import trace_lib as trace`` (``trace`` is a standard-library module)
 
 from __future__ import annotations
 
+import trace_lib._env  # noqa: F401  (offline mode, quiet start-up; must run first)
+
 __version__ = "0.1.0"
 
+from trace_lib.capture.hooks import HookConfig, HookManager
 from trace_lib.errors import TraceError
+from trace_lib.models import Loaded, load_model
 
-__all__ = ["TraceError", "__version__"]
+__all__ = ["HookConfig", "HookManager", "Loaded", "TraceError", "__version__", "load_model"]

@@ -1,0 +1,279 @@
+"""Capture internal activations with PyTorch forward hooks, named as TransformerLens names them.
+
+>>> hm = HookManager(model, HookConfig(layers=[0, 5, 10], hook_points=["resid_post"]))
+>>> with hm.capture():
+...     model(input_ids, attention_mask=mask)
+>>> hm.get_activations("resid_post", layer=5)          # [batch, seq, d_model], float32 on CPU
+
+Activations always come back as float32 on the CPU, whatever the model's dtype or quantization
+(tensor subclasses are de-quantized). The attention mask of each forward pass is recorded with them so
+padding never counts (``flat=True`` keeps only real tokens). For runs too large to hold in memory,
+:meth:`HookManager.stream` hands each forward pass's activations to a callback and keeps nothing, and
+:func:`iter_activations` turns a stream of token batches into a stream of captured batches.
+
+Hooks are always removed when the ``with`` block ends, also when the forward pass raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trace_lib.errors import HookError
+from trace_lib.models.arch import FINAL_POINT, ArchAdapter, adapt, first_tensor
+
+
+@dataclass
+class HookConfig:
+    """Which hook points to capture.
+
+    ``layers`` x ``hook_points`` in the seed's short form (``layers=None`` means every layer), plus any
+    full names in ``names`` (``"blocks.5.hook_attn_out"``, ``"ln_final.hook_normalized"``).
+    """
+
+    layers: Sequence[int] | None = None
+    hook_points: Sequence[str] = ("resid_post",)
+    names: Sequence[str] = ()
+    check_finite: bool = True
+
+    def hook_names(self, arch: ArchAdapter) -> list[str]:
+        names: list[str] = []
+        layers = range(arch.n_layers) if self.layers is None else self.layers
+        for layer in layers:
+            for point in self.hook_points:
+                names.append(arch.resolve(point, None if point.startswith("ln_final") else layer))
+        names.extend(arch.resolve(n) for n in self.names)
+        seen: dict[str, None] = {}
+        for n in names:
+            seen.setdefault(n, None)
+        if not seen:
+            raise HookError("HookConfig selects no hook points: give layers and hook_points, or names")
+        return list(seen)
+
+
+@dataclass
+class CapturedBatch:
+    """The activations of one forward pass. ``acts[name]`` is [batch, seq, d] float32."""
+
+    index: int
+    acts: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None = None
+
+    def valid(self, name: str) -> torch.Tensor:
+        """Activations of real (unpadded) tokens only: [n_tokens, d]."""
+        return self.acts[name][self.attention_mask.bool()]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every requested activation is captured, to skip the rest of the model."""
+
+
+def to_float32_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A detached float32 CPU copy; tensor subclasses (quantized tensors) are de-quantized first."""
+    t = t.detach()
+    if type(t) is not torch.Tensor and hasattr(t, "dequantize"):
+        t = t.dequantize()
+    if t.is_quantized:
+        t = t.dequantize()
+    return t.to(device="cpu", dtype=torch.float32, copy=True)
+
+
+@dataclass
+class HookManager:
+    """Registers forward hooks on the modules behind TransformerLens hook names and stores what they see."""
+
+    model: nn.Module
+    config: HookConfig = field(default_factory=HookConfig)
+    arch: ArchAdapter | None = None
+
+    def __post_init__(self) -> None:
+        loaded = self.model
+        if hasattr(loaded, "arch") and hasattr(loaded, "model"):  # a trace Loaded
+            self.arch = self.arch or loaded.arch
+            self.model = loaded.model
+        self.arch = self.arch or adapt(self.model)
+        self.names = self.config.hook_names(self.arch)
+        self._sites = [self.arch.site(n) for n in self.names]
+        self._handles: list = []
+        self._current: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._input_ids: torch.Tensor | None = None
+        self._batches: list[CapturedBatch] = []
+        self._callback: Callable[[CapturedBatch], None] | None = None
+        self._stop_early = False
+        self._n_forward = 0
+
+    # ------------------------------------------------------------------ hook plumbing
+    def _record(self, name: str, value) -> None:
+        t = to_float32_cpu(first_tensor(value))
+        if self.config.check_finite and not torch.isfinite(t).all():
+            bad = "NaN" if torch.isnan(t).any() else "Inf"
+            raise HookError(f"{bad} in activations at {name} on batch {self._n_forward}: the model's numerics "
+                            "broke there (check the quantization config or the input)")
+        self._current[name] = t
+        if self._stop_early and len(self._current) == len(self.names):
+            raise _StopForward
+
+    def _make_hook(self, name: str, kind: str):
+        if kind == "in":
+            def pre_hook(module, args, kwargs):
+                self._record(name, args[0] if args else kwargs.get("hidden_states"))
+            return pre_hook
+
+        def hook(module, args, output):
+            self._record(name, output)
+        return hook
+
+    def _on_model_start(self, module, args, kwargs) -> None:
+        self._current = {}
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if isinstance(ids, torch.Tensor) else embeds
+        if ref is None:
+            raise HookError("could not find input_ids or inputs_embeds in the model call")
+        shape = ref.shape[:2]
+        self._input_ids = ids.detach().cpu() if isinstance(ids, torch.Tensor) else None
+        self._mask = (mask.detach().cpu().to(torch.long) if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                      else torch.ones(shape, dtype=torch.long))
+
+    def _on_model_end(self, module, args, output) -> None:
+        self._finish_batch()
+
+    def _finish_batch(self) -> None:
+        if not self._current:
+            return
+        missing = [n for n in self.names if n not in self._current]
+        if missing:
+            raise HookError(f"hooks for {missing[:3]} did not fire in this forward pass; the model's structure "
+                            "differs from its architecture adapter")
+        batch = CapturedBatch(self._n_forward, self._current, self._mask, self._input_ids)
+        self._current = {}
+        self._n_forward += 1
+        if self._callback is not None:
+            self._callback(batch)
+        else:
+            self._batches.append(batch)
+
+    def _register(self) -> None:
+        if self._handles:
+            raise HookError("this HookManager is already capturing; nested capture() is not supported")
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        for name, site in zip(self.names, self._sites):
+            if site.kind == "in":
+                h = site.module.register_forward_pre_hook(self._make_hook(name, "in"), with_kwargs=True)
+            else:
+                h = site.module.register_forward_hook(self._make_hook(name, "out"))
+            self._handles.append(h)
+        self._handles.append(self.model.register_forward_hook(self._on_model_end))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._current = {}
+
+    # ------------------------------------------------------------------ public API
+    @contextmanager
+    def capture(self, stop_early: bool = False):
+        """Record activations of every forward pass run inside the block.
+
+        With ``stop_early=True`` the forward pass is cut short as soon as every requested activation is
+        recorded (later layers are not computed; the model call returns nothing and the rest of the
+        ``with`` body is skipped), which is what activation collection for SAE training wants.
+        """
+        self._register()
+        self._stop_early = stop_early
+        try:
+            yield self
+        except _StopForward:
+            self._finish_batch()
+        finally:
+            self._stop_early = False
+            self._remove()
+
+    @contextmanager
+    def stream(self, callback: Callable[[CapturedBatch], None]):
+        """Like :meth:`capture`, but each forward pass's activations go to ``callback`` and are not kept."""
+        self._callback = callback
+        try:
+            with self.capture():
+                yield self
+        finally:
+            self._callback = None
+
+    @property
+    def batches(self) -> list[CapturedBatch]:
+        return self._batches
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Attention masks of the captured forward passes, concatenated over batches: [batch, seq]."""
+        self._need_batches()
+        return _cat([b.attention_mask for b in self._batches], "attention masks")
+
+    def get_activations(self, point: str, layer: int | None = None, flat: bool = False) -> torch.Tensor:
+        """Captured activations at a hook point.
+
+        ``point`` is a short point (``"resid_post"`` with ``layer=5``) or a full name. Returns
+        [batch, seq, d] concatenated over the captured forward passes, or with ``flat=True`` the real
+        tokens only, [n_tokens, d], in batch-major order.
+        """
+        self._need_batches()
+        name = self.arch.resolve(point, layer)
+        if name not in self.names:
+            raise HookError(f"{name} was not captured; this HookManager captures {', '.join(self.names[:6])}"
+                            f"{' ...' if len(self.names) > 6 else ''}")
+        if flat:
+            return torch.cat([b.valid(name) for b in self._batches])
+        return _cat([b.acts[name] for b in self._batches], name)
+
+    def clear(self) -> None:
+        self._batches = []
+        self._n_forward = 0
+
+    def _need_batches(self) -> None:
+        if not self._batches:
+            raise HookError("no activations captured yet: run the model inside `with hook_manager.capture():`")
+
+
+def _cat(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    lengths = {t.shape[1] for t in tensors}
+    if len(lengths) > 1:
+        raise HookError(f"captured {what} have different sequence lengths {sorted(lengths)}; "
+                        "use flat=True, or the batches one by one")
+    return torch.cat(tensors)
+
+
+def iter_activations(model, batches: Iterable[dict[str, torch.Tensor]], config: HookConfig | None = None,
+                     names: Sequence[str] | None = None, stop_early: bool = True) -> Iterator[CapturedBatch]:
+    """Run ``model`` on each batch (dicts with ``input_ids`` and ``attention_mask``) and yield its activations.
+
+    Only one batch's activations are alive at a time, so a run over millions of tokens needs memory for
+    one batch. With ``stop_early`` (default) layers after the last requested hook are not computed.
+    """
+    if config is None:
+        config = HookConfig(layers=[], hook_points=(), names=tuple(names or ()))
+    hm = HookManager(model, config)
+    out: list[CapturedBatch] = []
+    # no_grad (not inference_mode) around the call only: the consumer may train on what it receives.
+    with hm.stream(out.append):
+        for batch in batches:
+            hm._stop_early = stop_early
+            try:
+                with torch.no_grad():
+                    hm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                             use_cache=False)
+            except _StopForward:
+                hm._finish_batch()
+            finally:
+                hm._stop_early = False
+            yield from out
+            out.clear()

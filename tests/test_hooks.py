@@ -1,0 +1,152 @@
+"""Hooked activations against transformers' own output_hidden_states, for every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_loaded
+
+from trace_lib import HookConfig, HookManager
+from trace_lib.capture import iter_activations
+from trace_lib.errors import HookError
+
+
+def _inputs(seed=1, batch=2, seq=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # right padding on the second row
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resid_matches_output_hidden_states(arch):
+    loaded = tiny_loaded(arch)
+    ids, mask = _inputs()
+    n = loaded.n_layers
+    hm = HookManager(loaded, HookConfig(hook_points=["resid_pre", "resid_post"], names=["ln_final.hook_normalized"]))
+    with torch.no_grad(), hm.capture():
+        out = loaded.model(ids, attention_mask=mask, output_hidden_states=True)
+    hs = out.hidden_states
+    assert len(hs) == n + 1
+    torch.testing.assert_close(hm.get_activations("resid_pre", layer=0), hs[0], atol=1e-6, rtol=0)
+    for i in range(n - 1):
+        torch.testing.assert_close(hm.get_activations("resid_post", layer=i), hs[i + 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(hm.get_activations(f"blocks.{i + 1}.hook_resid_pre"), hs[i + 1], atol=1e-6, rtol=0)
+    # transformers applies the final norm to the last hidden state; so does ln_final.hook_normalized.
+    torch.testing.assert_close(hm.get_activations("ln_final.hook_normalized"), hs[n], atol=1e-6, rtol=0)
+    last = hm.get_activations("resid_post", layer=n - 1)
+    torch.testing.assert_close(loaded.arch.final_norm(last), hs[n], atol=1e-6, rtol=0)
+    logits = loaded.arch.unembed(hm.get_activations("ln_final"))
+    if loaded.arch.model_type != "gemma2":  # Gemma 2 soft-caps its final logits
+        torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sublayer_outputs_add_up_to_the_residual_stream(arch):
+    loaded = tiny_loaded(arch)
+    ids, mask = _inputs(seed=2)
+    points = ["resid_pre", "attn_out", "mlp_out", "resid_post"]
+    parallel = loaded.arch.layout.resid_mid is None
+    if not parallel:
+        points.append("resid_mid")
+    hm = HookManager(loaded, HookConfig(hook_points=points))
+    with torch.no_grad(), hm.capture():
+        loaded.model(ids, attention_mask=mask)
+    for i in range(loaded.n_layers):
+        g = lambda p: hm.get_activations(p, layer=i)  # noqa: E731
+        if parallel:
+            torch.testing.assert_close(g("resid_pre") + g("attn_out") + g("mlp_out"), g("resid_post"),
+                                       atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(g("resid_pre") + g("attn_out"), g("resid_mid"), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(g("resid_mid") + g("mlp_out"), g("resid_post"), atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_block_has_no_resid_mid():
+    loaded = tiny_loaded("gpt_neox")
+    with pytest.raises(HookError, match="parallel"):
+        HookManager(loaded, HookConfig(layers=[0], hook_points=["resid_mid"]))
+
+
+def test_seed_api_and_flat_masking():
+    loaded = tiny_loaded("llama")
+    ids, mask = _inputs()
+    hm = HookManager(loaded.model, HookConfig(layers=[0, 2], hook_points=["resid_post"]))
+    with hm.capture():
+        loaded.model(ids, attention_mask=mask)
+    full = hm.get_activations("resid_post", layer=2)
+    assert full.shape == (2, 7, 32) and full.dtype == torch.float32
+    flat = hm.get_activations("blocks.2.hook_resid_post", flat=True)
+    assert flat.shape == (int(mask.sum()), 32)
+    torch.testing.assert_close(flat, full[mask.bool()])
+    assert torch.equal(hm.attention_mask, mask)
+
+
+def test_hooks_removed_even_when_forward_raises():
+    loaded = tiny_loaded("llama")
+    model = loaded.model
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    hm = HookManager(loaded, HookConfig(hook_points=["resid_post", "attn_out"]))
+    with pytest.raises(IndexError):
+        with hm.capture():
+            model(torch.tensor([[1, 2, 500]]))  # token id out of the vocabulary
+    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert after == before
+
+
+def test_bad_hook_names_and_layers():
+    loaded = tiny_loaded("llama")
+    with pytest.raises(HookError, match="out of range"):
+        HookManager(loaded, HookConfig(layers=[3]))
+    with pytest.raises(HookError, match="unknown hook point"):
+        HookManager(loaded, HookConfig(layers=[0], hook_points=["resid_postt"]))
+    with pytest.raises(HookError, match="malformed"):
+        HookManager(loaded, HookConfig(names=["blocks.x.resid"]))
+    hm = HookManager(loaded, HookConfig(layers=[0]))
+    with pytest.raises(HookError, match="no activations captured"):
+        hm.get_activations("resid_post", layer=0)
+    with hm.capture():
+        loaded.model(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(HookError, match="was not captured"):
+        hm.get_activations("resid_post", layer=1)
+
+
+def test_nan_in_activations_names_hook_and_batch():
+    loaded = tiny_loaded("llama")
+    hm = HookManager(loaded, HookConfig(hook_points=["resid_post"]))
+    with pytest.raises(HookError, match=r"NaN in activations at blocks\.1\.hook_resid_post on batch 1"):
+        with torch.no_grad(), hm.capture():
+            loaded.model(torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[1, 1, 0]]))
+            loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+            loaded.model(torch.tensor([[1, 2, 3]]))
+
+
+def test_streaming_keeps_nothing_and_matches_capture():
+    loaded = tiny_loaded("qwen2")
+    batches = [dict(zip(("input_ids", "attention_mask"), _inputs(seed=s))) for s in range(3)]
+    cfg = HookConfig(layers=[1], hook_points=["resid_post"])
+    ref = HookManager(loaded, cfg)
+    with ref.capture():
+        for b in batches:
+            loaded.model(**b)
+    seen = []
+    hm = HookManager(loaded, cfg)
+    with hm.stream(lambda cb: seen.append(cb.valid("blocks.1.hook_resid_post"))):
+        for b in batches:
+            loaded.model(**b)
+    assert hm.batches == []
+    torch.testing.assert_close(torch.cat(seen), ref.get_activations("resid_post", layer=1, flat=True))
+    # iter_activations stops after layer 1 and yields the same activations.
+    got = [cb.valid("blocks.1.hook_resid_post") for cb in iter_activations(loaded, batches, cfg)]
+    torch.testing.assert_close(torch.cat(got), torch.cat(seen))
+    assert torch.is_grad_enabled()
+
+
+def test_bf16_model_gives_float32_activations():
+    loaded = tiny_loaded("llama")
+    loaded.model.to(torch.bfloat16)
+    hm = HookManager(loaded, HookConfig(layers=[0]))
+    with hm.capture():
+        loaded.model(torch.tensor([[1, 2, 3]]))
+    assert hm.get_activations("resid_post", layer=0).dtype == torch.float32
