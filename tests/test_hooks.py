@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_loaded
 
 from trace_lib import HookConfig, HookManager
 from trace_lib.capture import iter_activations
 from trace_lib.errors import HookError
+
+from conftest import ARCHS, tiny_loaded
 
 
 def _inputs(seed=1, batch=2, seq=7):

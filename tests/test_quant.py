@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_loaded
 
 from trace_lib.errors import QuantizationError
 from trace_lib.quant import QuantizationConfig, QuantizationType, parse_config, quantize, valid_names
 from trace_lib.quant.gguf_backend import gguf_roundtrip
+
+from conftest import tiny_loaded
 
 
 def _ids(seed=0, shape=(2, 16)):

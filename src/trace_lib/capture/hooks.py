@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from trace_lib.errors import HookError
-from trace_lib.models.arch import FINAL_POINT, ArchAdapter, adapt, first_tensor
+from trace_lib.models.arch import ArchAdapter, adapt, first_tensor
 
 
 @dataclass

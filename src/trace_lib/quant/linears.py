@@ -18,7 +18,7 @@ def convert_conv1d(model: nn.Module) -> int:
     except ImportError:  # pragma: no cover - very old transformers
         return 0
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
                 in_f, out_f = child.weight.shape

@@ -25,7 +25,11 @@ from trace_lib.quant.linears import check_group_size
 
 
 def _torchao_config(config: QuantizationConfig):
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+    )
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     t = config.type
