@@ -74,3 +74,22 @@ def default_loaded():
     from trace_lib.models import load_model
 
     return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_loaded):
+    return default_loaded.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, default_tokenizer):
+    """A tiny random Llama saved as a Hugging Face folder, with SmolLM2's real tokenizer (vocab 49152)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**{**TINY, "vocab_size": len(default_tokenizer)}, tie_word_embeddings=True)
+    model = T.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    return path

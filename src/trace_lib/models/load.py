@@ -116,7 +116,9 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32, name: str | N
                    spec: str | None = None, content_hash: str | None = None) -> Loaded:
     """Load a local Hugging Face folder (config.json + safetensors/bin weights + tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading a cached folder is instant; its bar is noise
     path = Path(path)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
@@ -177,6 +179,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, name: str | None =
 
 def _convert_gguf(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # converting a GGUF takes a while: show transformers' own bar
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
