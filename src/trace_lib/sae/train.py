@@ -1,0 +1,839 @@
+"""Training SAEs on stored activations: deterministic, checkpointed, resumable.
+
+``train_sae(activations, cfg, hook_name)`` trains one SAE on float32 [N, d_in] activations given as one
+tensor, a sequence of tensors, a one-shot iterable of tensors, or a callable returning a fresh iterable.
+
+What happens, in order (defaults in :class:`SAETrainingConfig`):
+
+1. **Input scaling** (``normalize_activations="expected_average_only_in"``, SAELens's name for Anthropic's
+   April 2024 recipe): a scalar ``s = sqrt(d_in) / mean ||x||`` is estimated on the first ``init_tokens``
+   rows (SAELens ``ActivationScaler``) and every batch is multiplied by it, so hyper-parameters (lr, L1/L0
+   coefficients) transfer between models. At the end ``s`` is folded into the weights (``W_enc *= s``,
+   ``W_dec /= s``, ``b_dec /= s``, as SAELens does), so the returned SAE works on raw activations.
+2. **Initialisation**: decoder rows random unit vectors, encoder = decoder transpose (Gao et al. 2024,
+   §2.4), ``b_enc = 0``, ``b_dec`` = geometric median of the sample (Towards Monosemanticity; SAELens
+   ``b_dec_init_method="geometric_median"``).
+3. **Loss**: ``||x - x̂||²`` summed over dimensions, averaged over the batch (SAELens convention), plus
+   topk: ``auxk_coefficient * AuxK`` (Gao et al. 2024 App. A.2: the top ``k_aux`` *dead* latents
+   reconstruct the main residual; ``k_aux = d_in // 2`` as SAELens and sparsify, loss scaled by
+   ``min(n_dead / k_aux, 1)``); relu: ``l1_coefficient * sum_i z_i ||W_dec,i||`` (Anthropic April 2024
+   update; SAELens ``scale_sparsity_penalty_by_decoder_norm``); jumprelu: ``l0_coefficient * L0`` with
+   straight-through threshold gradients (Rajamanoharan et al. 2024; SAELens ``JumpReLUTrainingSAE``:
+   ``log_threshold`` parameter, rectangle kernel of width ``jumprelu_bandwidth``).
+4. **Optimiser**: Adam (lr 4e-4, betas 0.9/0.999), linear warm-up then constant then linear decay to 0 over
+   the last ``lr_decay_fraction`` of steps, global grad-norm clip 1.0 (SAELens). With
+   ``normalize_decoder`` the decoder-gradient component parallel to each decoder row is removed before the
+   step and rows are renormalised to unit norm after it (sparsify / Gao et al.).
+5. **Dead latents**: a latent that has not fired for ``dead_feature_window`` tokens is dead. TopK SAEs feed
+   dead latents to AuxK; ReLU SAEs resample them every ``resample_every`` steps (Towards Monosemanticity:
+   choose inputs with probability ∝ squared reconstruction loss, set the decoder row to the centred input
+   direction, the encoder column to it times 0.2 × the mean alive encoder norm, ``b_enc = 0``, and reset
+   Adam's moments for those weights; the inputs are taken from the current batch).
+
+**Determinism**: batch order comes from a ``torch.Generator`` seeded from ``seed``; weights init and
+resampling use their own seeded generators. The same inputs, config and seed give bit-identical weights on
+the same device and torch build (checked on CPU; on CUDA cuBLAS may differ run to run unless
+``torch.use_deterministic_algorithms(True)`` and ``CUBLAS_WORKSPACE_CONFIG`` are set).
+
+**Checkpoints**: with ``checkpoint_dir``, every ``checkpoint_every`` steps (and at the end or at
+``max_steps``) the whole state -- weights, Adam moments, step, dead-latent counters, RNG state, scaling
+factor -- is written atomically to ``checkpoint_dir/checkpoint.safetensors`` (safetensors + JSON metadata,
+no pickle). Calling ``train_sae`` again with the same activations, config and ``checkpoint_dir`` resumes:
+the data pipeline is replayed (cheap: no SAE maths) to the checkpoint's step and training continues, giving
+the same final weights as an uninterrupted run. A finished checkpoint is returned without retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from trace_lib.cache import atomic_write, stable_hash
+from trace_lib.errors import SAEError
+from trace_lib.progress import track
+from trace_lib.sae.model import SAE, SUPPORTED_ARCHITECTURES, SUPPORTED_NORMALIZATIONS, SAEConfig
+from trace_lib.sae.quality import Activations, validated_chunks
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+_CKPT_FORMAT = "trace-sae-checkpoint-1"
+_DEFAULT_DEAD_WINDOW = 10_000_000  # tokens (Gao et al. 2024; sparsify's dead_feature_threshold)
+
+
+@dataclass
+class SAETrainingConfig:
+    """Hyper-parameters for :func:`train_sae` (see the module docstring for what each does and why)."""
+
+    architecture: str = "topk"
+    d_sae: int | None = None  # number of latents; None -> expansion_factor * d_in
+    expansion_factor: int = 8
+    k: int = 32  # topk: active latents per token
+    # sparsity penalties
+    l1_coefficient: float = 5.0  # relu; on inputs scaled to mean norm sqrt(d_in)
+    l0_coefficient: float = 1.0  # jumprelu (SAELens default)
+    jumprelu_bandwidth: float = 0.001  # SAELens / Gemma Scope
+    jumprelu_init_threshold: float = 0.001
+    sparsity_warmup_steps: int | None = None  # linear warm-up of l1/l0 coefficient; None -> 5% of steps
+    # optimisation
+    lr: float = 4e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_warmup_steps: int | None = None  # None -> min(1000, 5% of steps)
+    lr_decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps
+    grad_clip_norm: float | None = 1.0
+    batch_size: int = 4096
+    total_tokens: int | None = None  # None -> `epochs` passes over the data
+    epochs: int = 1
+    shuffle_buffer_tokens: int = 131072  # mixing buffer for streamed chunks
+    seed: int = 0
+    device: str = "auto"  # "auto" -> cuda if available, else cpu
+    # data scaling and initialisation
+    normalize_activations: str = "expected_average_only_in"
+    fold_scaling: bool = True
+    init_tokens: int = 65536  # rows used to estimate the scaling factor and b_dec
+    b_dec_init: str = "geometric_median"  # or "mean", "zeros"
+    apply_b_dec_to_input: bool = True
+    normalize_decoder: bool = True
+    # dead latents
+    dead_feature_window: int | None = None  # tokens; None -> min(10M, 10% of training tokens)
+    auxk_coefficient: float = 1 / 32  # Gao et al. 2024
+    auxk_k: int | None = None  # None -> d_in // 2
+    resample_dead: bool = True  # relu only
+    resample_every: int | None = None  # steps; None -> every 20% of training
+    # bookkeeping
+    checkpoint_every: int = 1000  # steps
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise SAEError(
+                f"unknown SAE architecture '{self.architecture}': trace trains {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.normalize_activations not in SUPPORTED_NORMALIZATIONS:
+            raise SAEError(
+                f"normalize_activations must be one of {', '.join(SUPPORTED_NORMALIZATIONS)}, "
+                f"got '{self.normalize_activations}'"
+            )
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise SAEError(f"b_dec_init must be geometric_median, mean or zeros, got '{self.b_dec_init}'")
+        for name in ("batch_size", "epochs", "checkpoint_every", "init_tokens", "shuffle_buffer_tokens",
+                     "expansion_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SAEError(f"SAETrainingConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("d_sae", "total_tokens", "dead_feature_window", "auxk_k", "resample_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise SAEError(f"SAETrainingConfig.{name} must be a positive integer or None, got {v!r}")
+        if self.architecture == "topk" and (not isinstance(self.k, int) or self.k < 1):
+            raise SAEError(f"SAETrainingConfig.k must be a positive integer for topk, got {self.k!r}")
+        if not self.lr > 0:
+            raise SAEError(f"SAETrainingConfig.lr must be positive, got {self.lr}")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise SAEError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- JumpReLU STE
+def _rectangle(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``x * (x > threshold)`` with a straight-through gradient for the threshold (SAELens ``JumpReLU``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold).to(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        x_grad = (x > threshold).to(grad) * grad
+        t_grad = (-(threshold / bw) * _rectangle((x - threshold) / bw) * grad).sum(dim=0)
+        return x_grad, t_grad, None
+
+
+class _Step(torch.autograd.Function):
+    """Heaviside ``x > threshold`` with a straight-through threshold gradient (SAELens ``Step``), for L0."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        x, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        t_grad = (-(1.0 / bw) * _rectangle((x - threshold) / bw) * grad).sum(dim=0)
+        return None, t_grad, None
+
+
+# ---------------------------------------------------------------------------------------------- data
+class _Data:
+    """The activations, the first rows (for initialisation) and a replayable, seeded batch iterator."""
+
+    def __init__(self, activations: Activations, cfg: SAETrainingConfig):
+        self.cfg = cfg
+        self.tensor: torch.Tensor | None = None
+        self.n_rows: int | None = None
+        self._factory: Callable[[], Iterable[torch.Tensor]] | None = None
+        self._cache: list[torch.Tensor] | None = None
+        self._first_iter: Iterator[torch.Tensor] | None = None
+        if isinstance(activations, torch.Tensor):
+            if activations.ndim < 2:
+                raise SAEError(f"activations have shape {list(activations.shape)}: expected [N, d_in]")
+            for _ in validated_chunks(activations):  # NaN/Inf/shape checks, chunk by chunk
+                pass
+            flat = activations.reshape(-1, activations.shape[-1]).to(torch.float32)
+            if flat.shape[0] == 0:
+                raise SAEError("no activations to train on: the tensor has 0 rows")
+            self.tensor = flat
+            self.n_rows = flat.shape[0]
+            self.d_in = flat.shape[1]
+            self.sample_source = flat
+            self.fingerprint = _fingerprint(flat[:8], f"tensor:{flat.shape[0]}")
+            return
+        if callable(activations):
+            self._factory = activations
+            first: Iterable[torch.Tensor] = activations()
+        elif isinstance(activations, Sequence):
+            seq = list(activations)
+            self._factory = lambda: seq
+            first = seq
+            try:
+                self.n_rows = sum(int(math.prod(c.shape[:-1])) for c in seq)
+            except (AttributeError, TypeError):
+                self.n_rows = None  # validated_chunks will name the bad chunk
+        else:
+            first = activations
+        it = validated_chunks(first)
+        peeked: list[torch.Tensor] = []
+        rows = 0
+        for chunk in it:
+            peeked.append(chunk)
+            rows += chunk.shape[0]
+            if rows >= cfg.init_tokens:
+                break
+        if rows == 0:
+            raise SAEError("no activations to train on: the stream yielded no rows")
+        self.d_in = peeked[0].shape[1]
+        self.sample_source = torch.cat(peeked)[: cfg.init_tokens]
+        kind = "callable" if callable(activations) else "sequence" if self.n_rows is not None else "iterable"
+        self.fingerprint = _fingerprint(peeked[0][:8], f"{kind}:{self.n_rows}")
+        self._first_iter = chain(peeked, _checked(it, self.d_in))
+        if self._factory is None and cfg.epochs > 1:
+            self._cache = []  # one-shot iterable read several times: keep it in memory
+
+    def replayable(self) -> bool:
+        return self.tensor is not None or self._factory is not None
+
+    def _epoch_chunks(self, epoch: int) -> Iterator[torch.Tensor]:
+        if epoch == 0 and self._first_iter is not None:
+            it, self._first_iter = self._first_iter, None
+            for chunk in it:
+                if self._cache is not None:
+                    self._cache.append(chunk)
+                yield chunk
+        elif self._factory is not None:
+            yield from validated_chunks(self._factory(), self.d_in)
+        elif self._cache is not None:
+            yield from self._cache
+
+    def batches(self, n_epochs: int | None, skip: int = 0) -> Iterator[torch.Tensor]:
+        """CPU batches of ``batch_size`` rows (the last may be shorter); ``n_epochs=None``: cycle forever.
+
+        The first ``skip`` batches are drawn (same RNG use, same order) but not materialised, for resuming;
+        SAEError if the data end before them.
+        """
+        bs = self.cfg.batch_size
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1_000_003)
+        epochs: Iterable[int] = range(n_epochs) if n_epochs is not None else _count()
+        index = 0
+        if self.tensor is not None:
+            x = self.tensor
+            for _ in epochs:
+                perm = torch.randperm(x.shape[0], generator=gen)
+                for i in range(0, x.shape[0], bs):
+                    if index >= skip:
+                        yield x[perm[i : i + bs]]
+                    index += 1
+        else:
+            cap = max(self.cfg.shuffle_buffer_tokens, 2 * bs)
+            pending: list[torch.Tensor] = []
+            n_pending = 0
+            for epoch in epochs:
+                if epoch > 0 and self._factory is None and self._cache is None:
+                    break  # one-shot iterable: a single pass
+                got = False
+                for chunk in self._epoch_chunks(epoch):
+                    got = True
+                    pending.append(chunk)
+                    n_pending += chunk.shape[0]
+                    if n_pending >= cap:
+                        buf = torch.cat(pending)
+                        buf = buf[torch.randperm(buf.shape[0], generator=gen)]
+                        n_out = (buf.shape[0] // 2) // bs * bs
+                        for i in range(0, n_out, bs):
+                            if index >= skip:
+                                yield buf[i : i + bs]
+                            index += 1
+                        pending, n_pending = [buf[n_out:]], buf.shape[0] - n_out
+                if not got:
+                    break
+            if n_pending:
+                buf = torch.cat(pending)
+                buf = buf[torch.randperm(buf.shape[0], generator=gen)]
+                for i in range(0, buf.shape[0], bs):
+                    if index >= skip:
+                        yield buf[i : i + bs]
+                    index += 1
+        if index < skip:
+            raise SAEError(
+                f"the activations hold only {index} batches but the checkpoint is at step {skip}: "
+                "resume with the same activations and config"
+            )
+
+
+def _count() -> Iterator[int]:
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
+def _checked(it: Iterator[torch.Tensor], d_in: int) -> Iterator[torch.Tensor]:
+    for chunk in it:
+        if chunk.shape[1] != d_in:
+            raise SAEError(
+                f"an activation chunk has width {chunk.shape[1]} but earlier chunks have {d_in}: all chunks must "
+                "come from the same hook of the same model"
+            )
+        yield chunk
+
+
+def _fingerprint(rows: torch.Tensor, kind: str) -> str:
+    h = hashlib.sha256(kind.encode())
+    h.update(rows.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-7) -> torch.Tensor:
+    """Weiszfeld's algorithm in float64: the point minimising the summed Euclidean distance to the rows of x."""
+    x = x.to(torch.float64)
+    m = x.mean(dim=0)
+    for _ in range(iters):
+        d = (x - m).norm(dim=1).clamp_min(1e-12)
+        w = 1.0 / d
+        new = (w[:, None] * x).sum(dim=0) / w.sum()
+        moved = (new - m).norm().item()
+        m = new
+        if moved <= tol * (m.norm().item() + 1e-12):
+            break
+    return m.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class _Trainer:
+    def __init__(self, cfg: SAETrainingConfig, d_in: int, device: torch.device, total_steps: int | None):
+        self.cfg = cfg
+        self.d_in = d_in
+        self.device = device
+        self.total_steps = total_steps
+        d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+        if cfg.architecture == "topk" and cfg.k > d_sae:
+            raise SAEError(f"k={cfg.k} is larger than d_sae={d_sae}: lower k or raise d_sae")
+        self.d_sae = d_sae
+        arch = cfg.architecture
+        self.sae = SAE(
+            SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=cfg.k if arch == "topk" else None,
+                      apply_b_dec_to_input=cfg.apply_b_dec_to_input),
+            device=device,
+        )
+        self.log_threshold: nn.Parameter | None = None
+        if arch == "jumprelu":
+            self.log_threshold = nn.Parameter(
+                torch.full((d_sae,), math.log(cfg.jumprelu_init_threshold), device=device)
+            )
+        self.params: dict[str, nn.Parameter] = {
+            "W_enc": self.sae.W_enc, "b_enc": self.sae.b_enc, "W_dec": self.sae.W_dec, "b_dec": self.sae.b_dec,
+        }
+        if self.log_threshold is not None:
+            self.params["log_threshold"] = self.log_threshold
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+        self.scale = 1.0
+        self.step = 0
+        self.tokens = 0
+        self.last: dict[str, float] = {}
+
+        est_tokens = total_steps * cfg.batch_size if total_steps else None
+        self.dead_window = cfg.dead_feature_window or (
+            min(_DEFAULT_DEAD_WINDOW, max(cfg.batch_size, est_tokens // 10)) if est_tokens else _DEFAULT_DEAD_WINDOW
+        )
+        self.auxk_k = cfg.auxk_k or max(1, d_in // 2)
+        if cfg.lr_warmup_steps is not None:
+            self.warmup = cfg.lr_warmup_steps
+        else:
+            self.warmup = min(1000, max(1, total_steps // 20)) if total_steps else 1000
+        if cfg.sparsity_warmup_steps is not None:
+            self.sparsity_warmup = cfg.sparsity_warmup_steps
+        else:
+            self.sparsity_warmup = total_steps // 20 if total_steps else 0
+        self.decay_steps = int(total_steps * cfg.lr_decay_fraction) if total_steps else 0
+        if cfg.resample_every is not None:
+            self.resample_every = cfg.resample_every
+        else:
+            self.resample_every = max(1, total_steps // 5) if total_steps else 25_000
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def initialise(self, sample: torch.Tensor, init_from: SAE | None = None) -> None:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        if cfg.normalize_activations == "expected_average_only_in":
+            mean_norm = sample.double().norm(dim=1).mean().item()
+            self.scale = math.sqrt(self.d_in) / mean_norm if mean_norm > 0 else 1.0
+        if init_from is not None:
+            self._warm_start(init_from)
+            return
+        x = sample * self.scale
+        w_dec = torch.randn(self.d_sae, self.d_in, generator=g)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.sae.W_dec.copy_(w_dec)
+        self.sae.W_enc.copy_(w_dec.T)
+        self.sae.b_enc.zero_()
+        if cfg.b_dec_init == "geometric_median":
+            self.sae.b_dec.copy_(geometric_median(x))
+        elif cfg.b_dec_init == "mean":
+            self.sae.b_dec.copy_(x.mean(dim=0))
+        else:
+            self.sae.b_dec.zero_()
+
+    @torch.no_grad()
+    def _warm_start(self, init: SAE) -> None:
+        """Start from ``init`` (raw units), re-expressed in the scaled units training works in."""
+        cfg = self.cfg
+        c = init.cfg
+        want = (cfg.architecture, self.d_in, self.d_sae, cfg.k if cfg.architecture == "topk" else None)
+        got = (c.architecture, c.d_in, c.d_sae, c.k if c.architecture == "topk" else None)
+        if want != got:
+            raise SAEError(
+                f"init_from SAE is (architecture, d_in, d_sae, k)={got} but training asks for {want}: "
+                "set SAETrainingConfig to match the SAE you start from"
+            )
+        if c.apply_b_dec_to_input != cfg.apply_b_dec_to_input:
+            raise SAEError(
+                f"init_from SAE has apply_b_dec_to_input={c.apply_b_dec_to_input}: set "
+                f"SAETrainingConfig.apply_b_dec_to_input={c.apply_b_dec_to_input} to fine-tune it"
+            )
+        src = copy.deepcopy(init).to(device="cpu", dtype=torch.float32).fold_scaling_factor()
+        s = self.scale
+        w_enc, b_enc = src.W_enc / s, src.b_enc.clone()
+        w_dec, b_dec = src.W_dec * s, src.b_dec * s
+        thr = src.threshold.clone() if src.threshold is not None else None
+        if cfg.normalize_decoder:  # fold decoder norms into the encoder (SAELens fold_W_dec_norm)
+            norms = w_dec.norm(dim=1).clamp_min(1e-12)
+            w_dec = w_dec / norms[:, None]
+            w_enc = w_enc * norms[None, :]
+            b_enc = b_enc * norms
+            if thr is not None:
+                thr = thr * norms
+        for name, t in (("W_enc", w_enc), ("b_enc", b_enc), ("W_dec", w_dec), ("b_dec", b_dec)):
+            getattr(self.sae, name).copy_(t)
+        if thr is not None and self.log_threshold is not None:
+            self.log_threshold.copy_(torch.log(thr.clamp_min(1e-6)))
+
+    # ------------------------------------------------------------------ schedules
+    def lr_at(self, step: int) -> float:
+        lr = self.cfg.lr
+        if step < self.warmup:
+            return lr * (step + 1) / self.warmup
+        if self.total_steps and self.decay_steps and step >= self.total_steps - self.decay_steps:
+            return lr * max(0.0, (self.total_steps - step) / self.decay_steps)
+        return lr
+
+    def sparsity_coef(self, step: int, value: float) -> float:
+        if self.sparsity_warmup and step < self.sparsity_warmup:
+            return value * (step + 1) / self.sparsity_warmup
+        return value
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        sae = self.sae
+        x = batch.to(self.device, non_blocking=True) * self.scale
+        sae_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
+        pre = sae_in @ sae.W_enc + sae.b_enc
+        arch = cfg.architecture
+        losses: dict[str, torch.Tensor] = {}
+        if arch == "jumprelu":
+            assert self.log_threshold is not None
+            threshold = torch.exp(self.log_threshold)
+            z = _JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth)
+        else:
+            z = sae.activation(pre)
+        x_hat = z @ sae.W_dec + sae.b_dec
+        err = x - x_hat
+        mse = err.pow(2).sum(dim=-1).mean()
+        losses["mse"] = mse
+        loss = mse
+        fired = (z > 0).any(dim=0)
+        dead = self.tokens_since_fired >= self.dead_window
+        if arch == "topk":
+            n_dead = int(dead.sum().item())
+            if cfg.auxk_coefficient > 0 and n_dead > 0:
+                k_aux = min(self.auxk_k, n_dead)
+                aux_scale = min(n_dead / self.auxk_k, 1.0)
+                aux_pre = torch.where(dead[None, :], pre, torch.full_like(pre, -math.inf))
+                top = aux_pre.topk(k_aux, dim=-1, sorted=False)
+                aux_z = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+                e_hat = aux_z @ sae.W_dec
+                auxk = aux_scale * (e_hat - err.detach()).pow(2).sum(dim=-1).mean()
+                losses["auxk"] = auxk
+                loss = loss + cfg.auxk_coefficient * auxk
+            else:
+                losses["auxk"] = mse.new_zeros(())
+        elif arch == "relu":
+            l1 = (z * sae.W_dec.norm(dim=1)).sum(dim=-1).mean()
+            losses["l1"] = l1
+            loss = loss + self.sparsity_coef(self.step, cfg.l1_coefficient) * l1
+        else:
+            l0 = _Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
+            losses["l0"] = l0
+            loss = loss + self.sparsity_coef(self.step, cfg.l0_coefficient) * l0
+        losses["loss"] = loss
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.normalize_decoder and sae.W_dec.grad is not None:
+            with torch.no_grad():
+                w = sae.W_dec
+                parallel = (w.grad * w).sum(dim=1, keepdim=True)
+                w.grad -= parallel * w
+        if cfg.grad_clip_norm:
+            nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip_norm)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.step()
+        with torch.no_grad():
+            if cfg.normalize_decoder:
+                sae.normalize_decoder()
+            n = x.shape[0]
+            self.tokens_since_fired += n
+            self.tokens_since_fired.masked_fill_(fired, 0)
+        self.step += 1
+        self.tokens += x.shape[0]
+        if arch == "relu" and cfg.resample_dead and self.step % self.resample_every == 0:
+            if not self.total_steps or self.step <= 0.8 * self.total_steps:
+                self.resample(x)
+        with torch.no_grad():
+            losses["l0_mean"] = (z != 0).sum(dim=-1).float().mean()
+            var = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+            losses["explained_variance"] = 1 - mse.detach() / var.clamp_min(1e-12)
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor) -> int:
+        """Towards Monosemanticity resampling of dead latents from inputs of the current batch."""
+        sae = self.sae
+        dead = self.tokens_since_fired >= self.dead_window
+        idx = dead.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return 0
+        x_hat = sae.activation((x - sae.b_dec if self.cfg.apply_b_dec_to_input else x) @ sae.W_enc + sae.b_enc)
+        x_hat = x_hat @ sae.W_dec + sae.b_dec
+        per_input = (x - x_hat).pow(2).sum(dim=-1).double().cpu()
+        probs = per_input.pow(2)
+        if not bool(probs.sum() > 0):
+            return 0
+        chosen = torch.multinomial(probs, idx.numel(), replacement=True, generator=self.gen).to(x.device)
+        v = x[chosen] - sae.b_dec
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        alive = ~dead
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean().item() if bool(alive.any()) else 1.0
+        sae.W_dec[idx] = v
+        sae.W_enc[:, idx] = v.T * (0.2 * enc_norm)
+        sae.b_enc[idx] = 0.0
+        for name, p in self.params.items():
+            state = self.opt.state.get(p)
+            if not state:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if name == "W_enc":
+                    state[key][:, idx] = 0.0
+                elif name in ("W_dec", "b_enc"):
+                    state[key][idx] = 0.0
+        self.tokens_since_fired[idx] = 0
+        return idx.numel()
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def export(self, hook_name: str, model_name: str | None, extra: dict[str, Any]) -> SAE:
+        cfg = self.cfg
+        c = self.sae.cfg
+        out_cfg = SAEConfig(
+            d_in=c.d_in, d_sae=c.d_sae, architecture=c.architecture, k=c.k, hook_name=hook_name,
+            normalize_activations="expected_average_only_in" if self.scale != 1.0 else "none",
+            norm_scaling_factor=self.scale if self.scale != 1.0 else None,
+            apply_b_dec_to_input=c.apply_b_dec_to_input, model_name=model_name,
+            metadata={"trained_by": "trace", "training": cfg.to_dict(), "norm_scaling_factor": self.scale, **extra},
+        )
+        sae = SAE(out_cfg)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(getattr(self.sae, name).detach().cpu())
+        if self.log_threshold is not None:
+            sae.threshold.copy_(torch.exp(self.log_threshold.detach()).cpu())  # type: ignore[union-attr]
+        if cfg.fold_scaling:
+            sae.fold_scaling_factor()
+        return sae
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: Path, meta: dict[str, str]) -> None:
+        tensors: dict[str, torch.Tensor] = {f"param.{k}": v.detach().cpu().contiguous() for k, v in self.params.items()}
+        sd = self.opt.state_dict()
+        for idx, st in sd["state"].items():
+            for key, t in st.items():
+                tensors[f"opt.{idx}.{key}"] = (t if isinstance(t, torch.Tensor) else torch.tensor(t)).cpu().contiguous()
+        tensors["tokens_since_fired"] = self.tokens_since_fired.cpu().contiguous()
+        tensors["rng"] = self.gen.get_state().contiguous()
+        metadata = {
+            **meta,
+            "format": _CKPT_FORMAT,
+            "step": str(self.step),
+            "tokens": str(self.tokens),
+            "scale": json.dumps(self.scale),
+            "param_groups": json.dumps(sd["param_groups"]),
+            "last": json.dumps(self.last),
+        }
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+    def load(self, path: Path) -> dict[str, str]:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as e:
+            raise SAEError(f"cannot read checkpoint {path} ({e}): delete it to start over") from e
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(tensors[f"param.{k}"].to(p.device))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = t
+        groups = json.loads(metadata["param_groups"])
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"].to(self.device))
+        self.gen.set_state(tensors["rng"])
+        self.step = int(metadata["step"])
+        self.tokens = int(metadata["tokens"])
+        self.scale = float(json.loads(metadata["scale"]))
+        self.last = json.loads(metadata.get("last", "{}"))
+        return metadata
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise SAEError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from e
+
+
+def train_sae(
+    activations: Activations,
+    cfg: SAETrainingConfig | None = None,
+    hook_name: str = "",
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
+    model_name: str | None = None,
+    max_steps: int | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    init_from: SAE | None = None,
+) -> tuple[SAE, dict[str, Any]]:
+    """Train an SAE on ``activations`` read at ``hook_name``; return ``(sae, log)``.
+
+    ``activations``: one float tensor [N, d_in] (or [..., d_in]), a list/tuple of such tensors, a one-shot
+    iterable of them (a generator; several epochs then keep it in memory), or a zero-argument callable
+    returning a fresh iterable each time (replayed per epoch without holding everything in memory).
+
+    ``checkpoint_dir``: where to checkpoint and resume from (see the module docstring). ``max_steps``: stop
+    after that many steps in total (a checkpoint is written), e.g. to split training across calls; the
+    learning-rate schedule still follows the full run. ``callback(step, losses)`` runs after every step.
+    ``init_from``: start from this SAE instead of a fresh initialisation (fine-tuning, e.g. a reference
+    model's SAE on a quantized variant's activations); its architecture, d_in, d_sae, k and
+    apply_b_dec_to_input must match ``cfg``. JumpReLU thresholds are clamped to >= 1e-6 (log-parameterised).
+
+    The log holds ``steps``, ``tokens``, ``new_steps``, ``time_s``, ``tokens_per_s`` (this call),
+    ``final_loss``, ``final_mse``, the architecture's auxiliary loss (``final_auxk``, ``final_l1`` or
+    ``final_l0``), ``final_l0_mean`` and ``final_explained_variance`` (last batch, scaled units),
+    ``dead_fraction`` (latents silent for ``dead_feature_window`` tokens), ``norm_scaling_factor``,
+    ``resumed_from_step``, ``total_steps``, ``stopped_at_max_steps`` and ``data_exhausted``.
+
+    Raises SAEError for an empty stream, NaN/Inf (naming the chunk), inconsistent widths, or a checkpoint
+    made with another config, hook or data.
+    """
+    cfg = cfg or SAETrainingConfig()
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise SAEError(f"max_steps must be a positive integer, got {max_steps!r}")
+    t0 = time.perf_counter()
+    data = _Data(activations, cfg)
+    device = _resolve_device(cfg.device)
+    bs = cfg.batch_size
+    if cfg.total_tokens is not None:
+        total_steps: int | None = math.ceil(cfg.total_tokens / bs)
+        n_epochs: int | None = None if data.replayable() else 1
+    else:
+        n_epochs = cfg.epochs
+        if data.tensor is not None:
+            total_steps = cfg.epochs * math.ceil(data.tensor.shape[0] / bs)
+        elif data.n_rows is not None:
+            total_steps = math.ceil(cfg.epochs * data.n_rows / bs)
+        else:
+            total_steps = None
+    trainer = _Trainer(cfg, data.d_in, device, total_steps)
+
+    cfg_key = {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "device")}
+    meta = {
+        "cfg_hash": stable_hash({"cfg": cfg_key, "d_in": data.d_in, "init_from": _sae_fingerprint(init_from)}),
+        "hook_name": hook_name,
+        "data_fingerprint": data.fingerprint,
+        "total_steps": str(total_steps or ""),
+    }
+    ckpt: Path | None = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    resumed_from = 0
+    done = False
+    if ckpt is not None and ckpt.exists():
+        prev = _peek_metadata(ckpt)
+        for key, what in (("cfg_hash", "training config"), ("hook_name", "hook"), ("data_fingerprint", "activations")):
+            if prev.get(key) != meta[key]:
+                raise SAEError(
+                    f"checkpoint {ckpt} was made with a different {what}: delete {ckpt.parent} to start over, "
+                    "or pass another checkpoint_dir"
+                )
+        trainer.load(ckpt)
+        resumed_from = trainer.step
+        done = prev.get("done") == "1"
+    else:
+        trainer.initialise(data.sample_source, init_from)
+    tokens_before = trainer.tokens
+
+    extra_meta = {"hook_name": hook_name}
+    if done:
+        sae = trainer.export(hook_name, model_name, {**extra_meta, "tokens": trainer.tokens, "steps": trainer.step})
+        return sae, _log(trainer, t0, resumed_from, total_steps, False, False, 0)
+
+    batches = data.batches(n_epochs, skip=trainer.step)  # replays the pipeline up to a checkpoint
+    remaining = (total_steps - trainer.step) if total_steps is not None else None
+    if max_steps is not None:
+        limit = max_steps - trainer.step
+        remaining = limit if remaining is None else min(remaining, limit)
+    exhausted = False
+    ran_out = False
+    new_steps = 0
+    iterator: Iterable[torch.Tensor] = batches
+    if progress:
+        iterator = track(batches, f"Training SAE {hook_name}".strip(), total=remaining)
+    losses: dict[str, torch.Tensor] = {}
+    if remaining is None or remaining > 0:
+        for batch in iterator:
+            losses = trainer.train_step(batch)
+            new_steps += 1
+            final = (total_steps is not None and trainer.step >= total_steps) or (
+                max_steps is not None and trainer.step >= max_steps
+            )
+            if callback is not None or final or (ckpt is not None and trainer.step % cfg.checkpoint_every == 0):
+                trainer.last = {k: float(v.item()) for k, v in losses.items()}
+            if ckpt is not None and trainer.step % cfg.checkpoint_every == 0 and not final:
+                trainer.save(ckpt, {**meta, "done": "0"})
+            if callback is not None:
+                callback(trainer.step, dict(trainer.last))
+            if final:
+                break
+        else:
+            ran_out = True
+            exhausted = total_steps is not None and trainer.step < total_steps
+    if losses:
+        trainer.last = {k: float(v.item()) for k, v in losses.items()}
+    stopped = (
+        max_steps is not None
+        and trainer.step >= max_steps
+        and not ran_out
+        and (total_steps is None or trainer.step < total_steps)
+    )
+    if ckpt is not None:
+        trainer.save(ckpt, {**meta, "done": "0" if stopped else "1"})
+    sae = trainer.export(hook_name, model_name, {**extra_meta, "tokens": trainer.tokens, "steps": trainer.step})
+    return sae, _log(trainer, t0, resumed_from, total_steps, stopped, exhausted, new_steps,
+                     trainer.tokens - tokens_before)
+
+
+def _sae_fingerprint(sae: SAE | None) -> str | None:
+    if sae is None:
+        return None
+    h = hashlib.sha256(json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _peek_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise SAEError(f"cannot read checkpoint {path} ({e}): delete it to start over") from e
+    if meta.get("format") != _CKPT_FORMAT:
+        raise SAEError(f"{path} is not a trace SAE checkpoint: delete it or pass another checkpoint_dir")
+    return meta
+
+
+def _log(trainer: _Trainer, t0: float, resumed_from: int, total_steps: int | None, stopped: bool,
+         exhausted: bool, new_steps: int, new_tokens: int = 0) -> dict[str, Any]:
+    elapsed = time.perf_counter() - t0
+    dead = (trainer.tokens_since_fired >= trainer.dead_window).double().mean().item()
+    log: dict[str, Any] = {
+        "steps": trainer.step,
+        "tokens": trainer.tokens,
+        "new_steps": new_steps,
+        "time_s": elapsed,
+        "tokens_per_s": new_tokens / elapsed if elapsed > 0 else float("nan"),
+        "resumed_from_step": resumed_from,
+        "total_steps": total_steps,
+        "stopped_at_max_steps": stopped,
+        "data_exhausted": exhausted,
+        "dead_fraction": dead,
+        "dead_feature_window": trainer.dead_window,
+        "norm_scaling_factor": trainer.scale,
+        "device": str(trainer.device),
+    }
+    for k, v in trainer.last.items():
+        log[f"final_{k}"] = v
+    return log
