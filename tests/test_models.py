@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
-from trace_lib.errors import HookError, ModelFormatError, ModelNotFoundError, TraceError, UnsupportedArchitectureError
+from trace_lib.errors import (
+    HookError,
+    ModelFormatError,
+    ModelNotFoundError,
+    TraceError,
+    UnsupportedArchitectureError,
+)
 from trace_lib.models import from_model, load_model, supported_architectures
+
+from conftest import tiny_model
 
 
 def test_missing_path(tmp_path):
@@ -53,8 +60,8 @@ def test_unknown_architecture_lists_supported():
 
 
 def test_hf_folder_round_trip(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("qwen2")
     model.save_pretrained(tmp_path)

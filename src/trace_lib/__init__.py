@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 
 from trace_lib.capture.hooks import HookConfig, HookManager
 from trace_lib.errors import TraceError
+from trace_lib.fingerprint import CircuitTracer, SafetyFingerprint
 from trace_lib.models import Loaded, load_model
+from trace_lib.quant import QuantizationConfig, QuantizationType, quantize
 
-__all__ = ["HookConfig", "HookManager", "Loaded", "TraceError", "__version__", "load_model"]
+__all__ = ["CircuitTracer", "HookConfig", "HookManager", "Loaded", "QuantizationConfig", "QuantizationType",
+           "SafetyFingerprint", "TraceError", "__version__", "load_model", "quantize"]

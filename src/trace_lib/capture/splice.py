@@ -1,0 +1,55 @@
+"""Replacing an activation inside the forward pass (for SAE splicing, ablations and patching)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from trace_lib.models.arch import first_tensor
+
+
+def _rebuild(original, new: torch.Tensor):
+    if isinstance(original, torch.Tensor):
+        return new
+    if isinstance(original, tuple):
+        return (new, *original[1:])
+    if isinstance(original, list):
+        return [new, *original[1:]]
+    raise TypeError(f"cannot replace the hidden state inside a {type(original).__name__}")
+
+
+@contextmanager
+def replace_activation(loaded, hook_name: str, fn: Callable[[torch.Tensor], torch.Tensor], skip_first: bool = True):
+    """Inside the block, the activation at ``hook_name`` is replaced by ``fn(activation)``.
+
+    ``fn`` receives and returns [batch, seq, d] in the model's dtype. With ``skip_first`` position 0 (the
+    attention sink, never in an SAE's training data) keeps its original value.
+    """
+    site = loaded.arch.site(hook_name)
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        new = fn(t).to(t.dtype)
+        if skip_first:
+            new = torch.cat([t[:, :1], new[:, 1:]], dim=1)
+        return new
+
+    if site.kind == "in":
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (apply(args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = apply(kwargs["hidden_states"])
+            return args, kwargs
+
+        handle = site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(module, args, output):
+            return _rebuild(output, apply(first_tensor(output)))
+
+        handle = site.module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
