@@ -9,11 +9,12 @@ import trace_lib._env  # noqa: F401  (offline mode, quiet start-up; must run fir
 
 __version__ = "0.1.0"
 
+from trace_lib.audit import Audit, AuditResult
 from trace_lib.capture.hooks import HookConfig, HookManager
 from trace_lib.errors import TraceError
 from trace_lib.fingerprint import CircuitTracer, SafetyFingerprint
 from trace_lib.models import Loaded, load_model
 from trace_lib.quant import QuantizationConfig, QuantizationType, quantize
 
-__all__ = ["CircuitTracer", "HookConfig", "HookManager", "Loaded", "QuantizationConfig", "QuantizationType",
+__all__ = ["Audit", "AuditResult", "CircuitTracer", "HookConfig", "HookManager", "Loaded", "QuantizationConfig", "QuantizationType",
            "SafetyFingerprint", "TraceError", "__version__", "load_model", "quantize"]

@@ -66,6 +66,29 @@ def compare(
 
 
 @app.command()
+def audit(
+    variant: Annotated[list[str], typer.Option("--variant", "-v", help="config name or model path; repeatable (default: int8-dynamic, int4-rtn-g32, gguf-q4_0)")] = None,  # noqa: E501
+    model: ModelOpt = "default",
+    dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")] = "harmful_refusal_v1",
+    sae: Annotated[Path | None, typer.Option(help="folder of SAEs (SAELens or sparsify format); default: train or use cached")] = None,  # noqa: E501
+    hook: Annotated[list[str], typer.Option("--hook", help="hook point for trained SAEs; repeatable (default: resid_post at 1/3, 1/2, 2/3 depth)")] = None,  # noqa: E501
+    threshold: Annotated[float, typer.Option(help="CPFR below which a feature counts as degraded")] = 0.8,
+    out_dir: OutOpt = Path("trace-out"),
+) -> None:
+    """Audit safety features of quantized variants against the reference (SAEs, fingerprint, CPFR, KL)."""
+    from trace_lib.audit import Audit
+
+    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold)
+    if sae is not None:
+        a.load_sae(sae)
+    result = a.trace_features(dataset=dataset)
+    out.print(result.summary(), highlight=False)
+    path = result.save(out_dir / "audit.json")
+    out.print(f"wrote {path} (audit {result.timing['audit_s']:.0f} s, of which forward passes "
+              f"{result.timing['forward_s']:.0f} s)")
+
+
+@app.command()
 def configs() -> None:
     """List the quantization config names trace understands."""
     from trace_lib.quant.config import __doc__ as doc

@@ -130,6 +130,31 @@ def default_texts() -> tuple[list[str], dict]:
                    "chars": info["chars"]}
 
 
+def output_statistics(ref: Loaded, variants: list[Loaded], ids: torch.Tensor, batch_size: int = 2
+                      ) -> tuple[list[OutputComparison], list[float], float]:
+    """Run packed chunks ``ids`` [n, ctx] through the reference once and every variant; score the second half
+    of each chunk. Returns the accumulators, each variant's forward seconds and the reference's."""
+    ctx = ids.shape[1]
+    first = ctx // 2
+    keep = ctx - first
+    accs = [OutputComparison() for _ in variants]
+    secs = [0.0 for _ in variants]
+    ref_secs = 0.0
+    batches = list(chunk_batches(ids, batch_size))
+    with torch.no_grad():
+        for batch in track(batches, "comparing outputs"):
+            t0 = time.perf_counter()
+            ref_logits = ref.model(**batch, use_cache=False, logits_to_keep=keep).logits
+            ref_secs += time.perf_counter() - t0
+            target = batch["input_ids"][:, first:]
+            for i, var in enumerate(variants):
+                t0 = time.perf_counter()
+                var_logits = var.model(**batch, use_cache=False, logits_to_keep=keep).logits
+                secs[i] += time.perf_counter() - t0
+                accs[i].update(ref_logits, var_logits, target)
+    return accs, secs, ref_secs
+
+
 def compare_outputs(reference: Loaded | str, variants: list, texts: list[str] | None = None, ctx: int = 512,
                     n_chunks: int = 16, batch_size: int = 2) -> CompareResult:
     """KL-divergence statistics of each variant against the reference over the same packed text."""
@@ -143,23 +168,7 @@ def compare_outputs(reference: Loaded | str, variants: list, texts: list[str] | 
         tinfo = text_info(texts, "user text")
     ids = pack_texts(ref.tokenizer, texts, ctx, max_sequences=n_chunks)
     built = [resolve_variant(ref, v) for v in variants]
-    first = ctx // 2
-    keep = ctx - first
-    accs = [OutputComparison() for _ in built]
-    secs = [0.0 for _ in built]
-    ref_secs = 0.0
-    batches = list(chunk_batches(ids, batch_size))
-    with torch.no_grad():
-        for batch in track(batches, "comparing outputs"):
-            t0 = time.perf_counter()
-            ref_logits = ref.model(**batch, use_cache=False, logits_to_keep=keep).logits
-            ref_secs += time.perf_counter() - t0
-            target = batch["input_ids"][:, first:]
-            for i, var in enumerate(built):
-                t0 = time.perf_counter()
-                var_logits = var.model(**batch, use_cache=False, logits_to_keep=keep).logits
-                secs[i] += time.perf_counter() - t0
-                accs[i].update(ref_logits, var_logits, target)
+    accs, secs, ref_secs = output_statistics(ref, built, ids, batch_size)
     tinfo["scored_tokens"] = accs[0].n_tokens if accs else 0
     tinfo["tokens"] = int(ids.numel())
     results = [VariantComparison(v.quant.name if v.quant is not None else v.name, v.describe(), acc.result(), s)

@@ -1,0 +1,57 @@
+"""Directional ablation: remove the span of some directions from the activation at one hook point.
+
+    x' = x - U (U^T x),   U = orthonormal basis of the given directions (QR)
+
+Arditi et al. 2024 ablate the refusal direction this way to switch refusal off. trace uses it to build a
+variant with a *known* injury (for example the decoder directions of the top refusal SAE features), so an
+audit can be checked against a ground truth: those features must come out degraded.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from trace_lib.cache import stable_hash
+from trace_lib.errors import HookError
+from trace_lib.models.arch import adapt, first_tensor
+from trace_lib.models.load import Loaded
+
+
+def ablate_directions(loaded: Loaded, hook_name: str, directions: torch.Tensor, name: str | None = None) -> Loaded:
+    """A copy of ``loaded`` whose activation at ``hook_name`` has ``directions`` ([k, d]) projected out."""
+    directions = torch.as_tensor(directions, dtype=torch.float32)
+    if directions.dim() == 1:
+        directions = directions[None]
+    if directions.shape[1] != loaded.d_model:
+        raise HookError(f"directions have width {directions.shape[1]} but {hook_name} has {loaded.d_model}")
+    q, _ = torch.linalg.qr(directions.T)  # [d, k] orthonormal
+    model = copy.deepcopy(loaded.model)
+    arch = adapt(model)
+    site = arch.site(hook_name)
+
+    def project_out(x: torch.Tensor) -> torch.Tensor:
+        basis = q.to(x.dtype)
+        return x - (x @ basis) @ basis.T
+
+    if site.kind == "in":
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (project_out(args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs, hidden_states=project_out(kwargs["hidden_states"]))
+            return args, kwargs
+
+        site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(module, args, output):
+            new = project_out(first_tensor(output))
+            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+
+        site.module.register_forward_hook(hook)
+    label = name or f"ablate-{directions.shape[0]}dirs@{hook_name}"
+    return Loaded(model=model, tokenizer=loaded.tokenizer, arch=arch,
+                  content_hash=stable_hash({"ref": loaded.content_hash, "ablate": hook_name,
+                                            "dirs": directions.numpy().tobytes().hex()[:4096]}),
+                  name=label, spec=f"{loaded.spec}@{label}", source=loaded.source, quant=None,
+                  quant_info={"path": f"directional ablation of {directions.shape[0]} direction(s) at {hook_name}"})

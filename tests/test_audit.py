@@ -1,0 +1,101 @@
+"""The audit end to end: on a tiny model (fast) and on the real default model (slow, the issue's bar)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trace_lib as trace
+from trace_lib.audit import AuditResult
+from trace_lib.errors import QuantizationError, ResultFormatError, SAEError
+from trace_lib.models import load_model
+from trace_lib.sae import SAETrainingConfig
+from trace_lib.sae.store import SAEDataPlan
+
+TINY_SAE = dict(cfg=SAETrainingConfig(k=8, expansion_factor=2, epochs=1, batch_size=256),
+                plan=SAEDataPlan(text_sequences=32, seq_len=64, eval_tokens=512, ce_eval_sequences=2))
+
+
+@pytest.fixture(scope="module")
+def tiny_audit(tiny_folder, tmp_path_factory):
+    import os
+
+    os.environ["TRACE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        audit = trace.Audit(load_model(tiny_folder), variants=["fp32", "int2-rtn-g32"],
+                            hooks=["blocks.1.hook_resid_post"], kl_chunks=2, kl_ctx=64)
+        audit.train_sae(**TINY_SAE)
+        yield audit, audit.trace_features("harmful_refusal_v1")
+    finally:
+        os.environ.pop("TRACE_CACHE")
+
+
+def test_fp32_against_itself_is_perfect(tiny_audit):
+    _, result = tiny_audit
+    fp32 = result.variant("fp32")
+    assert all(f.cpfr == 1.0 for f in fp32.features)
+    assert fp32.hooks["blocks.1.hook_resid_post"]["cpfr_all_features"] == 1.0
+    assert fp32.hooks["blocks.1.hook_resid_post"]["degraded_features_all"] == 0
+    assert fp32.degraded("safety") == [] and fp32.degraded("capability") == []
+    assert fp32.outputs.kld_mean == 0.0 and fp32.outputs.same_top_rate == 1.0
+    assert all(d["cosine"] == pytest.approx(1.0) and d["projection_kept"] == pytest.approx(1.0)
+               for d in fp32.directions)
+
+
+def test_two_bit_variant_is_worse(tiny_audit):
+    _, result = tiny_audit
+    int2 = result.variant("int2-rtn-g32")
+    assert int2.hooks["blocks.1.hook_resid_post"]["cpfr_all_features"] < 0.99
+    assert int2.outputs.kld_mean > 0
+
+
+def test_result_round_trips_and_summarises(tiny_audit, tmp_path):
+    _, result = tiny_audit
+    path = result.save(tmp_path / "audit.json")
+    again = AuditResult.load(path)
+    assert again.summary() == result.summary()
+    assert json.loads(path.read_text())["kind"] == "trace.audit"
+    assert "fp32" in result.summary() and "int2-rtn-g32" in result.summary()
+    with pytest.raises(ResultFormatError):
+        AuditResult.from_dict({"kind": "trace.compare", "version": 1})
+
+
+def test_sae_is_cached(tiny_audit):
+    audit, _ = tiny_audit
+    import time
+
+    t = time.perf_counter()
+    again = audit.train_sae(**TINY_SAE)
+    assert time.perf_counter() - t < 5
+    sae = again["blocks.1.hook_resid_post"]
+    assert "quality" in sae.cfg.metadata and "explained_variance" in sae.cfg.metadata["quality"]
+
+
+def test_bad_inputs(tiny_folder, tmp_path):
+    with pytest.raises(QuantizationError, match="unknown quantization config"):
+        trace.Audit(tiny_folder, quant_model="int5-nope")
+    audit = trace.Audit(load_model(tiny_folder), quant_model="fp32")
+    with pytest.raises(SAEError, match="no SAE folder"):
+        audit.load_sae(tmp_path / "missing")
+    from trace_lib.sae import SAE, SAEConfig, save_sae
+
+    save_sae(SAE(SAEConfig(d_in=48, d_sae=16, architecture="relu", hook_name="blocks.1.hook_resid_post")),
+             tmp_path / "wrong")
+    with pytest.raises(SAEError, match="d_in=48"):
+        audit.load_sae(tmp_path / "wrong")
+
+
+def test_ablation_variant_removes_the_direction(tiny_folder):
+    from trace_lib import HookConfig, HookManager
+    from trace_lib.intervene import ablate_directions
+
+    ref = load_model(tiny_folder)
+    d = torch.randn(2, ref.d_model)
+    var = ablate_directions(ref, "blocks.1.hook_resid_post", d)
+    hm = HookManager(var, HookConfig(layers=[1]))
+    with torch.no_grad(), hm.capture():
+        var.model(torch.tensor([[5, 6, 7, 8]]))
+    acts = hm.get_activations("resid_post", layer=1)
+    assert (acts @ d.T).abs().max() < 1e-4
