@@ -620,6 +620,104 @@ def test_geometric_median_resists_outliers():
     assert gm.norm() < 2.0 < pts.mean(dim=0).norm()
 
 
+# ---------------------------------------------------------------------------------------------- fast TopK path
+@pytest.mark.parametrize("shape", [(1024, 2304, 64), (100, 256, 8), (7, 100, 3), (5, 64, 32), (3, 48, 1)])
+def test_chunked_topk_selects_what_torch_topk_selects(shape):
+    from trace_lib.sae.train import _topk
+
+    n, m, k = shape
+    pre = torch.randn(n, m, generator=torch.Generator().manual_seed(m))
+    ref = pre.topk(k, dim=-1)
+    values, indices = _topk(pre, k)
+    assert torch.equal(values.sort(dim=1).values, ref.values.sort(dim=1).values)
+    assert torch.equal(indices.sort(dim=1).values, ref.indices.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+
+
+def test_sparse_decoder_equals_dense_decode():
+    """embedding_bag over the k selected latents reconstructs what codes @ W_dec does."""
+    sae = random_sae("topk", d_in=24, d_sae=96)
+    sae.cfg.k = 7
+    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(3))
+    codes = sae.encode(x)
+    top = sae.encode_pre(x).topk(7, dim=-1)
+    sparse = torch.nn.functional.embedding_bag(top.indices, sae.W_dec, per_sample_weights=torch.relu(top.values),
+                                               mode="sum") + sae.b_dec
+    assert torch.allclose(sparse, codes @ sae.W_dec + sae.b_dec, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(sparse, sae.decode(codes), atol=1e-5, rtol=1e-5)
+
+
+def _trainer_pair(apply_b_dec: bool, dead: int, seed: int = 0):
+    from trace_lib.sae.train import _Trainer
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 32, generator=g) * torch.linspace(0.2, 3.0, 32) + 0.5
+    cfg = SAETrainingConfig(architecture="topk", k=8, d_sae=256, batch_size=128, device="cpu",
+                            apply_b_dec_to_input=apply_b_dec, dead_feature_window=1000, auxk_k=24)
+    pair = []
+    for impl in ("fast", "reference"):
+        t = _Trainer(cfg, 32, torch.device("cpu"), 10, impl)
+        t.initialise(x)
+        t.tokens_since_fired[:dead] = 5000  # `dead` latents count as dead: AuxK runs when dead > 0
+        pair.append(t)
+    return pair, x[:128] * pair[0].scale
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("dead", [0, 10, 200])  # no AuxK, AuxK over every dead latent, AuxK top-k of them
+def test_sparse_topk_step_matches_dense_reference(apply_b_dec: bool, dead: int):
+    (fast, ref), x = _trainer_pair(apply_b_dec, dead)
+    losses, fired = fast._topk_sparse_grads(x)
+    ref_losses, ref_fired = ref._dense_grads(x)
+    assert set(losses) == set(ref_losses)
+    for key, value in ref_losses.items():
+        assert losses[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    assert (losses["auxk"].item() > 0) == (dead > 0)
+    assert torch.equal(fired, ref_fired)
+    for name, p in ref.params.items():
+        got = fast.params[name].grad
+        assert got.shape == p.grad.shape and got.is_contiguous()
+        assert torch.allclose(got, p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item()), name
+    # a whole step (parallel-gradient removal, clipping, Adam, decoder renormalisation) lands in the same place
+    (fast, ref), x = _trainer_pair(apply_b_dec, dead)
+    fast.train_step(x)
+    ref.train_step(x)
+    for name, p in ref.params.items():
+        assert torch.allclose(fast.params[name], p, rtol=1e-5, atol=1e-6), name
+    assert torch.equal(fast.tokens_since_fired, ref.tokens_since_fired)
+
+
+def test_fast_and_reference_training_agree_and_share_checkpoints(tmp_path: Path):
+    x, _ = sparse_data(n=2048, d=16, m=32)
+    cfg = SAETrainingConfig(architecture="topk", k=4, d_sae=64, epochs=2, checkpoint_every=4,
+                            dead_feature_window=512, **FAST)
+    fast, fast_log = train_sae(x, cfg, HOOK, progress=False)
+    ref, ref_log = train_sae(x, cfg, HOOK, progress=False, implementation="reference")
+    for name in PARAMS:
+        assert torch.allclose(getattr(fast, name), getattr(ref, name), atol=1e-4), name
+    for key in ("final_loss", "final_mse", "final_auxk", "final_l0_mean", "final_explained_variance"):
+        assert fast_log[key] == pytest.approx(ref_log[key], rel=1e-4, abs=1e-6), key
+    # the implementation is not part of the config hash: a reference checkpoint resumes on the fast path
+    train_sae(x, cfg, HOOK, checkpoint_dir=tmp_path, progress=False, max_steps=6, implementation="reference")
+    resumed, log = train_sae(x, cfg, HOOK, checkpoint_dir=tmp_path, progress=False)
+    assert log["resumed_from_step"] == 6
+    for name in PARAMS:
+        assert torch.allclose(getattr(resumed, name), getattr(fast, name), atol=1e-4), name
+    with pytest.raises(SAEError, match="implementation must be one of"):
+        train_sae(x, cfg, HOOK, progress=False, implementation="sparse")
+
+
+def test_fast_topk_training_is_deterministic_with_threads():
+    """Parallel embedding_bag / sort / fused Adam still give bit-identical weights run to run."""
+    torch.set_num_threads(2)  # the autouse fixture restores the setting
+    x, _ = sparse_data(n=4096, d=32, m=64)
+    cfg = SAETrainingConfig(architecture="topk", k=8, d_sae=256, epochs=2, batch_size=1024, device="cpu",
+                            dead_feature_window=1024)
+    a, _ = train_sae(x, cfg, HOOK, progress=False)
+    b, _ = train_sae(x, cfg, HOOK, progress=False)
+    assert same_weights(a, b)
+
+
 def test_trained_sae_saves_and_loads(tmp_path: Path):
     x, _ = sparse_data(n=1024, d=16, m=32)
     sae, _ = train_sae(x, SAETrainingConfig(architecture="topk", k=4, d_sae=32, **FAST), HOOK, progress=False)

@@ -275,13 +275,20 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
         codes_ref = _encode(sae, ref.acts[h][mask])
         codes_var = _encode(sae, var.acts[h][mask])
         whole = CPFR(threshold).compute(codes_ref, codes_var)
-        recs = [(r, "safety") for r in fp.features_for(hook=h, kind="safety")]
-        recs += [(r, "capability") for r in fp.features_for(hook=h, kind="capability")]
+        # One row per (feature, kind): a feature selected for several categories is listed once, with all of them.
+        recs = []
+        for kind in ("safety", "capability"):
+            by_feature: dict[int, list] = {}
+            for r in fp.features_for(hook=h, kind=kind):
+                by_feature.setdefault(r.feature, []).append(r)
+            recs += [(rs[0], kind, ",".join(dict.fromkeys(x.category for x in rs))) for rs in by_feature.values()]
+        per = whole.per_feature[~torch.isnan(whole.per_feature)]
         hs: dict[str, Any] = {"tokens": int(mask.sum()), "cpfr_all_features": whole.score,
+                              "cpfr_median_all_features": float(per.median()) if len(per) else float("nan"),
                               "active_features": whole.num_active,
                               "degraded_features_all": len(whole.degraded_features)}
         if recs:
-            ids = sorted({r.feature for r, _ in recs})
+            ids = sorted({r.feature for r, _, _ in recs})
             col = {fid: i for i, fid in enumerate(ids)}
             sub_ref, sub_var = codes_ref[:, ids], codes_var[:, ids]
             drift = FeatureDrift().compute(sub_ref, sub_var, feature_ids=ids)
@@ -290,13 +297,13 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
             smear = FeatureSmearing().detect_smearing(sub_ref, sub_var, feature_ids=ids)
             hs["smeared_pairs"] = smear.num_smeared_pairs
             hs["smeared"] = smear.pairs[:20]
-            for r, kind in recs:
+            for r, kind, categories in recs:
                 i = col[r.feature]
                 rows = all_safety_rows if kind == "safety" else torch.arange(feats_ref[h].shape[0])
                 ref_act = float(feats_ref[h][rows, r.feature].mean()) if len(rows) else float("nan")
                 var_act = float(feats_var[h][rows, r.feature].mean()) if len(rows) else float("nan")
                 features.append(FeatureAudit(
-                    hook=h, feature=r.feature, kind=kind, category=r.category, train_auroc=r.auroc,
+                    hook=h, feature=r.feature, kind=kind, category=categories, train_auroc=r.auroc,
                     cpfr=float(whole.per_feature[r.feature]),
                     relative_mean_change=float(drift.relative_mean_change[i]),
                     normalized_wasserstein=float(drift.normalized_wasserstein[i]),

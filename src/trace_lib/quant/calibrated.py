@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import logging
@@ -124,10 +125,29 @@ def _recipe(config: QuantizationConfig, settings: dict, ignore: list[str]):
         return GPTQModifier(config_groups=groups, ignore=ignore, block_size=settings["block_size"],
                             dampening_frac=settings["dampening_frac"])
     from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return [_counting_awq()(duo_scaling=settings["duo_scaling"], n_grid=settings["n_grid"]),
+            QuantizationModifier(config_groups=groups, ignore=ignore)]
+
+
+_AWQ_RESOLVED: list[int] = []  # how many smoothing mappings each AWQ run resolved (read after the run)
+
+
+@functools.cache
+def _counting_awq():
+    """``AWQModifier`` that records how many (norm or Linear -> Linears) smoothing mappings it resolved.
+
+    For architectures llmcompressor has no AWQ mappings for (GPT-2's ``ln_1``/``c_attn``) its default,
+    Llama-style patterns match nothing and AWQ silently smooths nothing; trace refuses that variant.
+    """
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    return [AWQModifier(duo_scaling=settings["duo_scaling"], n_grid=settings["n_grid"]),
-            QuantizationModifier(config_groups=groups, ignore=ignore)]
+    class CountingAWQModifier(AWQModifier):
+        def _set_resolved_mappings(self, model) -> None:
+            super()._set_resolved_mappings(model)
+            _AWQ_RESOLVED.append(len(self._resolved_mappings))
+
+    return CountingAWQModifier
 
 
 @contextlib.contextmanager
@@ -194,22 +214,24 @@ def _dequantized(module: nn.Module) -> torch.Tensor:
 
 
 def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list[tuple[str, nn.Linear]],
-                     reference) -> dict:
+                     reference, qparams: dict | None = None) -> dict:
     """Quantize ``linears`` of ``model`` (the variant's copy) with GPTQ or AWQ; return the info dict.
 
     ``reference`` is the reference :class:`~trace_lib.models.load.Loaded`; its tokenizer encodes the
     calibration text. ``model`` ends as a plain float model with its module structure unchanged: quantized
-    Linears hold their de-quantized int4 weights, and every other tensor AWQ rescales is updated.
+    Linears hold their de-quantized int4 weights, and every other tensor AWQ rescales is updated. If a dict
+    is given as ``qparams`` it receives, for each quantized Linear's name, llmcompressor's
+    ``(weight_scale, weight_zero_point)`` ([out, in/G] each): ``W = (q - zero) * scale``, ``q`` in [-8, 7].
     """
-    llmcompressor, compressed_tensors = _require_llmcompressor(config)
     if config.type not in (QuantizationType.INT4_GPTQ, QuantizationType.INT4_AWQ):
         raise QuantizationError(f"{config.name} is not a GPTQ/AWQ type")
     check_group_size(linears, config.group_size, config.name)
     settings = calibration_settings(config)
     tokenizer = getattr(reference, "tokenizer", None)
     if tokenizer is None:
-        raise QuantizationError(f"{config.name} calibrates on text and needs the model's tokenizer; "
-                                "load the model from a folder or GGUF file that has one")
+        raise QuantizationError(f"{config.name}: GPTQ/AWQ calibration encodes text and needs the model's "
+                                "tokenizer; load the model from a folder or GGUF file that has one")
+    llmcompressor, compressed_tensors = _require_llmcompressor(config)
     from llmcompressor import oneshot
     from llmcompressor.core import reset_session
 
@@ -235,6 +257,7 @@ def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     no_accelerator = not torch.accelerator.is_available()
     patched = config.type is QuantizationType.INT4_AWQ and no_accelerator
+    _AWQ_RESOLVED.clear()
     with tempfile.TemporaryDirectory(prefix="trace-calib-") as tmp:
         # oneshot re-reads the model's config from config.name_or_path: give it one on disk.
         work.config.save_pretrained(tmp)
@@ -253,6 +276,11 @@ def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list
             finally:
                 reset_session()
 
+    if config.type is QuantizationType.INT4_AWQ and not any(_AWQ_RESOLVED):
+        raise QuantizationError(
+            f"{config.name}: llmcompressor's AWQ found no layers to smooth in {type(model).__name__} (it knows "
+            "Llama-, Qwen-, Mistral-, Gemma- and Phi-style blocks); the result would be plain round-to-nearest. "
+            "Use int4-gptq for this model")
     # Copy every tensor the algorithm may have changed (AWQ rescales norms and preceding Linears) ...
     work_state = {k: v for k, v in work.state_dict().items() if not k.endswith(_QUANT_SUFFIXES)}
     target_modules = dict(model.named_modules())
@@ -271,6 +299,10 @@ def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list
         for n in sorted(selected):
             target = target_modules[n]
             deq = _dequantized(work_modules[n])
+            if qparams is not None:
+                zero = getattr(work_modules[n], "weight_zero_point", None)
+                qparams[n] = (work_modules[n].weight_scale.detach().cpu().clone(),
+                              None if zero is None else zero.detach().cpu().clone())
             target.weight = nn.Parameter(deq.detach().to(device=target.weight.device, dtype=target.weight.dtype),
                                          requires_grad=False)
     del work, work_modules
@@ -283,6 +315,8 @@ def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list
                    "device": "cpu" if no_accelerator else torch.accelerator.current_accelerator().type}
     if algo == "GPTQ":
         calibration["actorder"] = "static"
+    else:
+        calibration["awq_mappings"] = max(_AWQ_RESOLVED)
     if patched:
         calibration["patch"] = "IntermediatesCache.pin_memory disabled (no accelerator to pin memory for)"
     return {"library": f"llmcompressor {llmcompressor.__version__} (compressed-tensors "

@@ -436,6 +436,7 @@ class _Trainer:
         self.step = 0
         self.tokens = 0
         self.last: dict[str, float] = {}
+        self._last_x: torch.Tensor | None = None
 
         est_tokens = total_steps * cfg.batch_size if total_steps else None
         self.dead_window = cfg.dead_feature_window or (
@@ -530,6 +531,8 @@ class _Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the (detached) losses. The fast path leaves ``explained_variance`` to
+        :meth:`read` (an extra pass over the batch, skipped on the steps whose losses nobody reads)."""
         cfg = self.cfg
         sae = self.sae
         x = batch.to(self.device, non_blocking=True) * self.scale
@@ -562,10 +565,22 @@ class _Trainer:
         if cfg.architecture == "relu" and cfg.resample_dead and self.step % self.resample_every == 0:
             if not self.total_steps or self.step <= 0.8 * self.total_steps:
                 self.resample(x)
-        with torch.no_grad():
-            var = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
-            losses["explained_variance"] = 1 - losses["mse"] / var.clamp_min(1e-12)
+        self._last_x = x
+        if not self.fast:
+            losses["explained_variance"] = self._explained_variance(x, losses["mse"])
         return losses
+
+    @staticmethod
+    @torch.no_grad()
+    def _explained_variance(x: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+        var = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        return 1 - mse / var.clamp_min(1e-12)
+
+    def read(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The losses of the latest :meth:`train_step` as floats, with ``explained_variance`` of its batch."""
+        if "explained_variance" not in losses and self._last_x is not None:
+            losses = {**losses, "explained_variance": self._explained_variance(self._last_x, losses["mse"])}
+        return {k: float(v.item()) for k, v in losses.items()}
 
     def _dense_grads(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Losses by plain autograd on dense codes ``[batch, d_sae]``; leaves the gradients in ``.grad``.
@@ -941,7 +956,7 @@ def train_sae(
                 max_steps is not None and trainer.step >= max_steps
             )
             if callback is not None or final or (ckpt is not None and trainer.step % cfg.checkpoint_every == 0):
-                trainer.last = {k: float(v.item()) for k, v in losses.items()}
+                trainer.last = trainer.read(losses)
             if ckpt is not None and trainer.step % cfg.checkpoint_every == 0 and not final:
                 trainer.save(ckpt, {**meta, "done": "0"})
             if callback is not None:
@@ -952,7 +967,7 @@ def train_sae(
             ran_out = True
             exhausted = total_steps is not None and trainer.step < total_steps
     if losses:
-        trainer.last = {k: float(v.item()) for k, v in losses.items()}
+        trainer.last = trainer.read(losses)
     stopped = (
         max_steps is not None
         and trainer.step >= max_steps
