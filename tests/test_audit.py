@@ -99,3 +99,14 @@ def test_ablation_variant_removes_the_direction(tiny_folder):
         var.model(torch.tensor([[5, 6, 7, 8]]))
     acts = hm.get_activations("resid_post", layer=1)
     assert (acts @ d.T).abs().max() < 1e-4
+
+
+def test_sae_for_a_hook_the_model_lacks(tiny_folder, tmp_path):
+    from trace_lib.errors import HookError
+    from trace_lib.sae import SAE, SAEConfig, save_sae
+
+    audit = trace.Audit(load_model(tiny_folder), quant_model="fp32")
+    save_sae(SAE(SAEConfig(d_in=32, d_sae=16, architecture="relu", hook_name="blocks.7.hook_resid_post")),
+             tmp_path / "deep")
+    with pytest.raises(HookError, match="layer 7 is out of range"):
+        audit.load_sae(tmp_path / "deep")

@@ -35,6 +35,11 @@ resampling use their own seeded generators. The same inputs, config and seed giv
 the same device and torch build (checked on CPU; on CUDA cuBLAS may differ run to run unless
 ``torch.use_deterministic_algorithms(True)`` and ``CUBLAS_WORKSPACE_CONFIG`` are set).
 
+**Speed** (``implementation="fast"``, the default): a TopK step is dense only in the encoder matmul; the
+decoder, the weight gradients and AuxK work on the k selected latents per token through ``embedding_bag``
+(see :meth:`_Trainer._topk_sparse_grads`), and Adam is fused. ``implementation="reference"`` keeps the
+plain dense autograd code as test oracle and benchmark baseline (``benchmarks/sae_training.py``).
+
 **Checkpoints**: with ``checkpoint_dir``, every ``checkpoint_every`` steps (and at the end or at
 ``max_steps``) the whole state -- weights, Adam moments, step, dead-latent counters, RNG state, scaling
 factor -- is written atomically to ``checkpoint_dir/checkpoint.safetensors`` (safetensors + JSON metadata,
