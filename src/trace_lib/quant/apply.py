@@ -67,8 +67,9 @@ def quantize(loaded: Loaded, config: QuantizationConfig | str) -> Loaded:
 def _weight_bits(config: QuantizationConfig, in_features: int) -> float:
     """Storage bits per weight of one quantized Linear of input width ``in_features``.
 
-    int RTN / GPTQ / AWQ: b + 32/G (a float32 scale per group of G; symmetric, no zero point; per channel
-    G = in_features). int8 per-row types: 8 + 32/in_features. torch.ao dynamic int8: 8 (one scale per
+    int RTN and GPTQ (symmetric): b + 32/G (a float32 scale per group of G, no zero point; per channel
+    G = in_features). AWQ (asymmetric): b + (32 + 4)/G (plus a 4-bit zero point per group, packed as
+    compressed-tensors stores it). int8 per-row types: 8 + 32/in_features. torch.ao dynamic int8: 8 (one scale per
     tensor). GGUF: the block format's exact size (e.g. Q4_0 = 18 bytes per 32 weights = 4.5).
     """
     t = config.type
@@ -76,7 +77,7 @@ def _weight_bits(config: QuantizationConfig, in_features: int) -> float:
         return GGUF_BPW[GGUF_TYPES[t]]
     if t in (QuantizationType.INT_RTN, QuantizationType.INT4_GPTQ, QuantizationType.INT4_AWQ):
         group = config.group_size or in_features
-        zero_bits = 32 if t is not QuantizationType.INT_RTN else 0
+        zero_bits = 4 if t is QuantizationType.INT4_AWQ else 0
         return config.bits + (32 + zero_bits) / group
     if t in (QuantizationType.INT8_WEIGHT, QuantizationType.INT8_DYNAMIC_PER_TOKEN):
         return 8 + 32 / in_features

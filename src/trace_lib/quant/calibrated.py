@@ -99,7 +99,8 @@ def calibration_settings(config: QuantizationConfig) -> dict:
     if not isinstance(s["dampening_frac"], (int, float)) or not 0 < s["dampening_frac"] < 1:
         raise QuantizationError(f"{config.name}: dampening_frac must lie in (0, 1), not {s['dampening_frac']!r}")
     s["dampening_frac"] = float(s["dampening_frac"])
-    s["duo_scaling"] = bool(s["duo_scaling"])
+    if s["duo_scaling"] not in (True, False, "both"):
+        raise QuantizationError(f"{config.name}: duo_scaling must be True, False or 'both', not {s['duo_scaling']!r}")
     drop = _AWQ_ONLY if config.type is QuantizationType.INT4_GPTQ else _GPTQ_ONLY
     return {k: v for k, v in s.items() if k not in drop}
 

@@ -154,13 +154,17 @@ class QuantizationConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "type": self.type.value, "bits": self.bits, "group_size": self.group_size,
-                "skip": list(self.skip), "act_bits": self.act_bits, "kernel": self.kernel}
+        d = {"name": self.name, "type": self.type.value, "bits": self.bits, "group_size": self.group_size,
+             "skip": list(self.skip), "act_bits": self.act_bits, "kernel": self.kernel}
+        if self.calibration:  # GPTQ/AWQ settings change the weights, so they belong in cache keys
+            d["calibration"] = dict(self.calibration)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantizationConfig:
         return cls(QuantizationType(d["type"]), bits=d.get("bits"), group_size=d.get("group_size"),
-                   skip=tuple(d.get("skip", ("lm_head",))), act_bits=d.get("act_bits"), kernel=d.get("kernel", False))
+                   skip=tuple(d.get("skip", ("lm_head",))), act_bits=d.get("act_bits"), kernel=d.get("kernel", False),
+                   calibration=dict(d.get("calibration") or {}))
 
     def __str__(self) -> str:
         return self.name
