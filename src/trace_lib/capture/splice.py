@@ -20,6 +20,25 @@ def _rebuild(original, new: torch.Tensor):
     raise TypeError(f"cannot replace the hidden state inside a {type(original).__name__}")
 
 
+def register_replacement(site, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Register a hook on ``site`` (a :class:`~trace_lib.models.arch.HookSite`) that replaces its activation
+    with ``fn(activation)``; returns the hook handle (``handle.remove()`` undoes it)."""
+    if site.kind == "in":
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+            return args, kwargs
+
+        return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(module, args, output):
+        return _rebuild(output, fn(first_tensor(output)))
+
+    return site.module.register_forward_hook(hook)
+
+
 @contextmanager
 def replace_activation(loaded, hook_name: str, fn: Callable[[torch.Tensor], torch.Tensor], skip_first: bool = True):
     """Inside the block, the activation at ``hook_name`` is replaced by ``fn(activation)``.
@@ -35,20 +54,7 @@ def replace_activation(loaded, hook_name: str, fn: Callable[[torch.Tensor], torc
             new = torch.cat([t[:, :1], new[:, 1:]], dim=1)
         return new
 
-    if site.kind == "in":
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (apply(args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = apply(kwargs["hidden_states"])
-            return args, kwargs
-
-        handle = site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        def hook(module, args, output):
-            return _rebuild(output, apply(first_tensor(output)))
-
-        handle = site.module.register_forward_hook(hook)
+    handle = register_replacement(site, apply)
     try:
         yield
     finally:

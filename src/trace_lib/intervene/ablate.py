@@ -14,8 +14,9 @@ import copy
 import torch
 
 from trace_lib.cache import stable_hash
+from trace_lib.capture.splice import register_replacement
 from trace_lib.errors import HookError
-from trace_lib.models.arch import adapt, first_tensor
+from trace_lib.models.arch import adapt
 from trace_lib.models.load import Loaded
 
 
@@ -29,26 +30,12 @@ def ablate_directions(loaded: Loaded, hook_name: str, directions: torch.Tensor, 
     q, _ = torch.linalg.qr(directions.T)  # [d, k] orthonormal
     model = copy.deepcopy(loaded.model)
     arch = adapt(model)
-    site = arch.site(hook_name)
 
     def project_out(x: torch.Tensor) -> torch.Tensor:
         basis = q.to(x.dtype)
         return x - (x @ basis) @ basis.T
 
-    if site.kind == "in":
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (project_out(args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs, hidden_states=project_out(kwargs["hidden_states"]))
-            return args, kwargs
-
-        site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        def hook(module, args, output):
-            new = project_out(first_tensor(output))
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-
-        site.module.register_forward_hook(hook)
+    register_replacement(arch.site(hook_name), project_out)
     label = name or f"ablate-{directions.shape[0]}dirs@{hook_name}"
     return Loaded(model=model, tokenizer=loaded.tokenizer, arch=arch,
                   content_hash=stable_hash({"ref": loaded.content_hash, "ablate": hook_name,
