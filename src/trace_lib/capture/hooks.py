@@ -112,9 +112,16 @@ class HookManager:
     def _record(self, name: str, value) -> None:
         t = to_float32_cpu(first_tensor(value))
         if self.config.check_finite and not torch.isfinite(t).all():
-            bad = "NaN" if torch.isnan(t).any() else "Inf"
+            real = t[self._mask.bool()] if self._mask is not None and self._mask.shape == t.shape[:2] else t
+            if torch.isfinite(real).all():  # only padding positions are non-finite: they never count
+                self._store(name, t)
+                return
+            bad = "NaN" if torch.isnan(real).any() else "Inf"
             raise HookError(f"{bad} in activations at {name} on batch {self._n_forward}: the model's numerics "
                             "broke there (check the quantization config or the input)")
+        self._store(name, t)
+
+    def _store(self, name: str, t: torch.Tensor) -> None:
         self._current[name] = t
         if self._stop_early and len(self._current) == len(self.names):
             raise _StopForward

@@ -7,6 +7,7 @@ position it has unpadded, and causal attention keeps padding from affecting real
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -63,7 +64,12 @@ def prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int = 8, chat:
     texts = format_prompts(tokenizer, prompts, chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(texts), batch_size):
-        enc = [tokenizer(t, add_special_tokens=not chat)["input_ids"][:max_length] for t in texts[i: i + batch_size]]
+        enc = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts[i: i + batch_size]]
+        for j, e in enumerate(enc):
+            if len(e) > max_length:
+                warnings.warn(f"prompt {i + j} has {len(e)} tokens; only the first {max_length} are used "
+                              "(its end, and the template's post-instruction tokens, are cut)", stacklevel=2)
+        enc = [e[:max_length] for e in enc]
         width = max(len(e) for e in enc)
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         mask = torch.zeros((len(enc), width), dtype=torch.long)
