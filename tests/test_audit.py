@@ -22,6 +22,7 @@ TINY_SAE = dict(cfg=SAETrainingConfig(k=8, expansion_factor=2, epochs=1, batch_s
 def tiny_audit(tiny_folder, tmp_path_factory):
     import os
 
+    before = os.environ.get("TRACE_CACHE")
     os.environ["TRACE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     try:
         audit = trace.Audit(load_model(tiny_folder), variants=["fp32", "int2-rtn-g32"],
@@ -29,7 +30,10 @@ def tiny_audit(tiny_folder, tmp_path_factory):
         audit.train_sae(**TINY_SAE)
         yield audit, audit.trace_features("harmful_refusal_v1")
     finally:
-        os.environ.pop("TRACE_CACHE")
+        if before is None:
+            os.environ.pop("TRACE_CACHE")
+        else:
+            os.environ["TRACE_CACHE"] = before
 
 
 def test_fp32_against_itself_is_perfect(tiny_audit):
