@@ -15,6 +15,7 @@ from trace_lib.errors import TraceError
 from trace_lib.fingerprint import CircuitTracer, SafetyFingerprint
 from trace_lib.models import Loaded, load_model
 from trace_lib.quant import QuantizationConfig, QuantizationType, quantize
+from trace_lib.sweep import OptimizationAuditor, SweepResult
 
-__all__ = ["Audit", "AuditResult", "CircuitTracer", "HookConfig", "HookManager", "Loaded", "QuantizationConfig", "QuantizationType",
-           "SafetyFingerprint", "TraceError", "__version__", "load_model", "quantize"]
+__all__ = ["Audit", "AuditResult", "CircuitTracer", "HookConfig", "HookManager", "Loaded", "OptimizationAuditor", "QuantizationConfig", "QuantizationType",
+           "SafetyFingerprint", "SweepResult", "TraceError", "__version__", "load_model", "quantize"]

@@ -35,7 +35,7 @@ from trace_lib import __version__
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
 from trace_lib.capture.inputs import pack_texts
 from trace_lib.capture.prompts import PromptActs, capture_prompts
-from trace_lib.compare import default_texts, output_statistics, resolve_variant
+from trace_lib.compare import default_texts, reference_logits, resolve_variant, variant_output_stats
 from trace_lib.errors import DatasetError, ResultFormatError, SAEError
 from trace_lib.fingerprint import (
     CircuitTracer,
@@ -419,72 +419,115 @@ class Audit:
         return fp
 
     # ---------------------------------------------------------------- the audit
-    def trace_features(self, dataset: str = "harmful_refusal_v1", capability_dataset: str | None = "capability_v1"
+    def session(self, dataset: Any = "harmful_refusal_v1", capability_dataset: str | None = "capability_v1",
+                safety_prompts: Sequence[str] | None = None) -> AuditSession:
+        """The reference side of an audit, computed once: SAEs, fingerprint, the test prompts' reference
+        activations and the reference's logits on the KL text. ``session.run(variant)`` then audits one
+        variant at a time (a sweep builds, audits and frees each config in turn)."""
+        return AuditSession(self, dataset, capability_dataset, safety_prompts)
+
+    def trace_features(self, dataset: Any = "harmful_refusal_v1", capability_dataset: str | None = "capability_v1"
                        ) -> AuditResult:
         """Run the audit on the dataset's test split; see the module docstring."""
+        t_start = time.perf_counter()
+        sess = self.session(dataset, capability_dataset)
+        results = []
+        for spec in self.variant_specs:
+            var = resolve_variant(self.reference, spec)
+            results.append(sess.run(var))
+            del var
+        return sess.result(results, time.perf_counter() - t_start)
+
+
+class AuditSession:
+    """Reference-side state of an audit (see :meth:`Audit.session`)."""
+
+    def __init__(self, audit: Audit, dataset: Any, capability_dataset: str | None,
+                 safety_prompts: Sequence[str] | None = None) -> None:
         from trace_lib.datasets import get_dataset
 
-        t_start = time.perf_counter()
-        ref = self.reference
-        if self.sae_dict is None:
-            self.train_sae()
-        saes = self.sae_dict
+        t0 = time.perf_counter()
+        self.audit = audit
+        ref = audit.reference
+        if audit.sae_dict is None:
+            audit.train_sae()
+        self.saes = audit.sae_dict
         t_sae = time.perf_counter()
-        fp = self.fingerprint(dataset, capability_dataset)
+        self.fp = audit.fingerprint(dataset, capability_dataset)
         t_fp = time.perf_counter()
-        ds, safety, baselines = _dataset_groups(dataset, "test")
-        cap = get_dataset(capability_dataset).split("test").capability_prompts if capability_dataset else []
-        texts: list[str] = []
+        self.ds, safety, baselines = _dataset_groups(dataset, "test")
+        if safety_prompts is not None:  # the user's own safety prompts, judged against the dataset's baselines
+            if not safety_prompts:
+                raise DatasetError("the list of test prompts is empty")
+            cat = self.fp.categories[0]
+            safety, baselines = {cat: list(safety_prompts)}, {cat: baselines.get(cat) or next(iter(baselines.values()))}
+        self.cap = get_dataset(capability_dataset).split("test").capability_prompts if capability_dataset else []
+        self.capability_dataset = capability_dataset
+        self.texts: list[str] = []
         index: dict[str, int] = {}
-        for t in [*(t for ts in safety.values() for t in ts), *(t for ts in baselines.values() for t in ts), *cap]:
+        for t in [*(t for ts in safety.values() for t in ts), *(t for ts in baselines.values() for t in ts), *self.cap]:
             if t not in index:
-                index[t] = len(texts)
-                texts.append(t)
-        groups = {c: (torch.tensor([index[t] for t in safety[c]]), torch.tensor([index[t] for t in baselines[c]]))
-                  for c in safety}
-        hooks = list(saes)
-        forward_s = 0.0
+                index[t] = len(self.texts)
+                self.texts.append(t)
+        self.groups = {c: (torch.tensor([index[t] for t in safety[c]]), torch.tensor([index[t] for t in baselines[c]]))
+                       for c in safety}
+        self.n_safety = sum(len(v) for v in safety.values())
+        self.n_baseline = len({t for ts in baselines.values() for t in ts})
+        self.hooks = list(self.saes)
+        t1 = time.perf_counter()
+        self.ref_acts = capture_prompts(ref, self.texts, self.hooks, batch_size=audit.batch_size,
+                                        description="reference prompts")
+        self.ref_prompt_s = time.perf_counter() - t1
+        feats_ref, resid_ref = reduce_prompt_acts(self.ref_acts, self.saes,
+                                                  self.fp.metadata.get("positions", "post_instruction"),
+                                                  self.fp.metadata.get("reduce", "max"))
+        self.ref_eval = self.fp.evaluate_codes(feats_ref, resid_ref, self.groups)["categories"]
+        kl_texts, self.kl_info = default_texts()
+        self.kl_ids = pack_texts(ref.tokenizer, kl_texts, audit.kl_ctx, max_sequences=audit.kl_chunks)
+        t1 = time.perf_counter()
+        self.ref_logits = reference_logits(ref, self.kl_ids)
+        self.ref_kl_s = time.perf_counter() - t1
+        self.timing = {"sae_s": round(t_sae - t0, 2), "fingerprint_s": round(t_fp - t_sae, 2),
+                       "reference_s": round(time.perf_counter() - t_fp, 2)}
+
+    def run(self, var: Loaded) -> VariantAudit:
+        """Audit one variant against the reference state."""
         t0 = time.perf_counter()
-        ref_acts = capture_prompts(ref, texts, hooks, batch_size=self.batch_size, description="reference prompts")
-        forward_s += time.perf_counter() - t0
-        feats_ref, resid_ref = reduce_prompt_acts(ref_acts, saes, fp.metadata.get("positions", "post_instruction"),
-                                                  fp.metadata.get("reduce", "max"))
-        ref_eval = fp.evaluate_codes(feats_ref, resid_ref, groups)["categories"]
-        built = [resolve_variant(ref, v) for v in self.variant_specs]
-        kl_texts, kl_info = default_texts()
-        ids = pack_texts(ref.tokenizer, kl_texts, self.kl_ctx, max_sequences=self.kl_chunks)
-        t0 = time.perf_counter()
-        accs, _, _ = output_statistics(ref, built, ids)
-        forward_s += time.perf_counter() - t0
-        results = []
-        for var, acc in zip(built, accs):
-            t0 = time.perf_counter()
-            var_acts = capture_prompts(var, texts, hooks, batch_size=self.batch_size,
-                                       description=f"{var.quant.name if var.quant else var.name} prompts")
-            fwd = time.perf_counter() - t0
-            forward_s += fwd
-            t1 = time.perf_counter()
-            name = var.quant.name if var.quant is not None else var.name
-            va = audit_variant(name, var.describe(), ref_acts, var_acts, saes, fp, groups, self.threshold,
-                               acc.result())
-            va.timing = {"prompt_forward_s": round(fwd, 2), "metrics_s": round(time.perf_counter() - t1, 2)}
-            results.append(va)
-        total = time.perf_counter() - t_start
+        name = var.quant.name if var.quant is not None else var.name
+        var_acts = capture_prompts(var, self.texts, self.hooks, batch_size=self.audit.batch_size,
+                                   description=f"{name} prompts")
+        prompt_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        acc, kl_s = variant_output_stats(var, self.kl_ids, self.ref_logits)
+        t2 = time.perf_counter()
+        va = audit_variant(name, var.describe(), self.ref_acts, var_acts, self.saes, self.fp, self.groups,
+                           self.audit.threshold, acc.result())
+        tokens = int(var_acts.prompt.numel())
+        va.timing = {"prompt_forward_s": round(prompt_s, 3), "kl_forward_s": round(kl_s, 3),
+                     "reference_prompt_forward_s": round(self.ref_prompt_s, 3),
+                     "prompt_tokens": tokens, "metrics_s": round(time.perf_counter() - t2, 3),
+                     "total_s": round(time.perf_counter() - t0, 3), "kl_s": round(t2 - t1, 3)}
+        return va
+
+    def result(self, variants: list[VariantAudit], total_s: float) -> AuditResult:
+        fp, saes = self.fp, self.saes
+        forward_s = self.ref_prompt_s + self.ref_kl_s + sum(v.timing["prompt_forward_s"] + v.timing["kl_forward_s"]
+                                                             for v in variants)
+        audit_s = total_s - self.timing["sae_s"] - self.timing["fingerprint_s"]
         return AuditResult(
-            reference=ref.describe(),
-            dataset={"name": ds.name, "split": "test", "sha256": ds.sha256(), "n_safety": sum(len(v) for v in safety.values()),
-                     "n_baseline": len({t for ts in baselines.values() for t in ts}), "n_capability": len(cap),
-                     "capability_dataset": capability_dataset, "kl_text": {**kl_info, "ctx": self.kl_ctx,
-                                                                           "chunks": self.kl_chunks}},
+            reference=self.audit.reference.describe(),
+            dataset={"name": self.ds.name, "split": "test", "sha256": self.ds.sha256(), "n_safety": self.n_safety,
+                     "n_baseline": self.n_baseline, "n_capability": len(self.cap),
+                     "capability_dataset": self.capability_dataset,
+                     "kl_text": {**self.kl_info, "ctx": self.audit.kl_ctx, "chunks": self.audit.kl_chunks}},
             fingerprint={"n_features": {c: len(fp.features_for(c, kind="safety")) for c in fp.categories},
-                         "n_capability_features": len(fp.capability_features), "reference_eval": ref_eval,
+                         "n_capability_features": len(fp.capability_features), "reference_eval": self.ref_eval,
                          "top_features": [r.__dict__ for r in fp.features[:10]], "metadata": fp.metadata},
-            variants=results,
-            settings={"hooks": hooks, "degradation_threshold": self.threshold, "seed": self.seed,
+            variants=variants,
+            settings={"hooks": self.hooks, "degradation_threshold": self.audit.threshold, "seed": self.audit.seed,
                       "token_set": "user message + post-instruction tokens, massive-activation tokens excluded",
                       "saes": {h: {"d_sae": s.cfg.d_sae, "architecture": s.cfg.architecture,
                                    "quality": s.cfg.metadata.get("quality")} for h, s in saes.items()}},
-            timing={"total_s": round(total, 2), "sae_s": round(t_sae - t_start, 2), "fingerprint_s": round(t_fp - t_sae, 2),
-                    "audit_s": round(total - (t_fp - t_start), 2), "forward_s": round(forward_s, 2),
-                    "audit_over_forward": round((total - (t_fp - t_start)) / forward_s, 3) if forward_s else None})
-
+            timing={"total_s": round(total_s, 2), **self.timing, "audit_s": round(audit_s, 2),
+                    "forward_s": round(forward_s, 2),
+                    "audit_over_forward": round(audit_s / forward_s, 3) if forward_s else None})

@@ -89,6 +89,28 @@ def audit(
 
 
 @app.command()
+def sweep(
+    model: ModelOpt = "default",
+    ladder: Annotated[str, typer.Option(help="weights | activations | gguf | all")] = "weights",
+    config: Annotated[list[str], typer.Option("--config", "-c", help="explicit config names instead of a ladder; repeatable")] = None,  # noqa: E501
+    dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")] = "harmful_refusal_v1",
+    sae: Annotated[Path | None, typer.Option(help="folder of SAEs; default: train or use cached")] = None,
+    min_cpfr: Annotated[float, typer.Option(help="safety CPFR bar for the recommended config")] = 0.9,
+    out_dir: OutOpt = Path("trace-out"),
+) -> None:
+    """Precision sweep: audit a ladder of configs; decay curves of safety vs capability features; best config."""
+    from trace_lib.sweep import OptimizationAuditor
+
+    auditor = OptimizationAuditor(model)
+    if sae is not None:
+        auditor.audit.load_sae(sae)
+    result = auditor.run_sweep(configs=config or None, ladder=None if config else ladder, dataset=dataset)
+    out.print(result.summary(), highlight=False)
+    out.print(str(result.best_config(min_cpfr)), highlight=False)
+    out.print(f"wrote {result.save(out_dir / 'sweep.json')}")
+
+
+@app.command()
 def configs() -> None:
     """List the quantization config names trace understands."""
     from trace_lib.quant.config import __doc__ as doc

@@ -155,6 +155,32 @@ def output_statistics(ref: Loaded, variants: list[Loaded], ids: torch.Tensor, ba
     return accs, secs, ref_secs
 
 
+def reference_logits(ref: Loaded, ids: torch.Tensor, batch_size: int = 2) -> list[torch.Tensor]:
+    """The reference's logits on the scored second half of each chunk, kept for comparing many variants
+    without re-running the reference (float32, [batch, ctx - ctx//2, vocab] per batch)."""
+    keep = ids.shape[1] - ids.shape[1] // 2
+    out = []
+    with torch.no_grad():
+        for batch in chunk_batches(ids, batch_size):
+            out.append(ref.model(**batch, use_cache=False, logits_to_keep=keep).logits.float())
+    return out
+
+
+def variant_output_stats(var: Loaded, ids: torch.Tensor, ref_logits: list[torch.Tensor], batch_size: int = 2
+                         ) -> tuple[OutputComparison, float]:
+    """llama.cpp statistics of one variant against cached :func:`reference_logits` on the same chunks."""
+    first = ids.shape[1] // 2
+    acc = OutputComparison()
+    secs = 0.0
+    with torch.no_grad():
+        for batch, ref_l in zip(chunk_batches(ids, batch_size), ref_logits):
+            t0 = time.perf_counter()
+            var_logits = var.model(**batch, use_cache=False, logits_to_keep=ref_l.shape[1]).logits
+            secs += time.perf_counter() - t0
+            acc.update(ref_l, var_logits, batch["input_ids"][:, first:])
+    return acc, secs
+
+
 def compare_outputs(reference: Loaded | str, variants: list, texts: list[str] | None = None, ctx: int = 512,
                     n_chunks: int = 16, batch_size: int = 2) -> CompareResult:
     """KL-divergence statistics of each variant against the reference over the same packed text."""
