@@ -114,3 +114,15 @@ def test_sae_for_a_hook_the_model_lacks(tiny_folder, tmp_path):
              tmp_path / "deep")
     with pytest.raises(HookError, match="layer 7 is out of range"):
         audit.load_sae(tmp_path / "deep")
+
+
+def test_examples_show_reference_top_tokens(tiny_audit):
+    audit, result = tiny_audit
+    int2 = result.variant("int2-rtn-g32")
+    examples = int2.hooks["blocks.1.hook_resid_post"]["examples"]
+    assert examples, "the most degraded features come with examples"
+    for fid, rows in examples.items():
+        acts = [r["ref"] for r in rows]
+        assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+        for r in rows:
+            assert r["token"] and 0 <= r["prompt"] < len(result.prompts)

@@ -163,6 +163,7 @@ class AuditResult:
     variants: list[VariantAudit]
     settings: dict
     timing: dict = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)  # the test prompts, indexed by the examples' "prompt"
 
     def variant(self, name: str) -> VariantAudit:
         for v in self.variants:
@@ -214,7 +215,7 @@ class AuditResult:
     def to_dict(self) -> dict:
         return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
                        "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
-                       "settings": self.settings, "timing": self.timing,
+                       "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
                        "variants": [v.to_dict() for v in self.variants]})
 
     def to_json(self) -> str:
@@ -230,7 +231,7 @@ class AuditResult:
         if d.get("version") != RESULT_VERSION:
             raise ResultFormatError(f"audit result version {d.get('version')} is not {RESULT_VERSION}; re-run the audit")
         return cls(d["reference"], d["dataset"], d["fingerprint"], [VariantAudit.from_dict(v) for v in d["variants"]],
-                   d["settings"], d.get("timing", {}))
+                   d["settings"], d.get("timing", {}), d.get("prompts", []))
 
     @classmethod
     def load(cls, path: str | Path) -> AuditResult:
@@ -256,9 +257,27 @@ def _encode(sae, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         return torch.cat([sae.encode(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
 
 
+def top_examples(ref: PromptActs, mask: torch.Tensor, codes_ref: torch.Tensor, codes_var: torch.Tensor, column: int,
+                 tokenizer, n: int = 5) -> list[dict]:
+    """The reference's top-activating tokens of one feature, with the variant's activation on the same tokens."""
+    if tokenizer is None or ref.token is None:
+        return []
+    idx = mask.nonzero().squeeze(1)
+    vals = codes_ref[:, column]
+    top = vals.topk(min(n, len(vals))).indices
+    out = []
+    for t in top.tolist():
+        if vals[t] <= 0:
+            break
+        left, tok, right = ref.context(int(idx[t]), tokenizer)
+        out.append({"prompt": int(ref.prompt[idx[t]]), "position": int(ref.position[idx[t]]), "left": left,
+                    "token": tok, "right": right, "ref": float(vals[t]), "variant": float(codes_var[t, column])})
+    return out
+
+
 def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs, saes: dict, fp: SafetyFingerprint,
                   groups: dict[str, tuple[torch.Tensor, torch.Tensor]], threshold: float = 0.8,
-                  outputs: OutputStats | None = None) -> VariantAudit:
+                  outputs: OutputStats | None = None, tokenizer=None, n_examples: int = 5) -> VariantAudit:
     """All feature- and direction-level comparisons of one variant against the reference on the same prompts."""
     hooks = list(saes)
     mask = token_mask(ref, hooks)
@@ -310,6 +329,10 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
                     firing_rate_ref=float(drift.firing_rate_ref[i]), firing_rate_variant=float(drift.firing_rate_quant[i]),
                     token_muting_rate=float(mute.per_feature_token_muting[i]), muted=r.feature in muted,
                     prompt_activation_kept=var_act / ref_act if ref_act > 0 else float("nan")))
+        # For the most degraded fingerprint features here: where the reference fires most, and the variant there.
+        worst = sorted((f for f in features if f.hook == h), key=lambda f: f.cpfr)[:n_examples]
+        hs["examples"] = {str(f.feature): top_examples(ref, mask, codes_ref, codes_var, f.feature, tokenizer)
+                          for f in worst}
         hook_stats[h] = hs
     directions = []
     for d in fp.directions:
@@ -501,7 +524,7 @@ class AuditSession:
         acc, kl_s = variant_output_stats(var, self.kl_ids, self.ref_logits)
         t2 = time.perf_counter()
         va = audit_variant(name, var.describe(), self.ref_acts, var_acts, self.saes, self.fp, self.groups,
-                           self.audit.threshold, acc.result())
+                           self.audit.threshold, acc.result(), tokenizer=self.audit.reference.tokenizer)
         tokens = int(var_acts.prompt.numel())
         va.timing = {"prompt_forward_s": round(prompt_s, 3), "kl_forward_s": round(kl_s, 3),
                      "reference_prompt_forward_s": round(self.ref_prompt_s, 3),
@@ -515,7 +538,7 @@ class AuditSession:
                                                              for v in variants)
         audit_s = total_s - self.timing["sae_s"] - self.timing["fingerprint_s"]
         return AuditResult(
-            reference=self.audit.reference.describe(),
+            reference=self.audit.reference.describe(), prompts=list(self.texts),
             dataset={"name": self.ds.name, "split": "test", "sha256": self.ds.sha256(), "n_safety": self.n_safety,
                      "n_baseline": self.n_baseline, "n_capability": len(self.cap),
                      "capability_dataset": self.capability_dataset,

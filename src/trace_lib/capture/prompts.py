@@ -60,6 +60,7 @@ class PromptActs:
     n_prompts: int
     n_pre: int
     n_post: int
+    token: torch.Tensor | None = None  # [n_tokens] token ids (for showing examples)
 
     def select(self, where: str = "post_instruction") -> torch.Tensor:
         """Boolean token mask: ``"post_instruction"``, ``"last"``, ``"instruction"`` (the user's message and
@@ -73,6 +74,14 @@ class PromptActs:
         if where == "post_instruction":
             return self.from_end < max(self.n_post, 1)
         raise ValueError(f"unknown position set {where!r}: use post_instruction, last, instruction or all")
+
+    def context(self, i: int, tokenizer, before: int = 12, after: int = 3) -> tuple[str, str, str]:
+        """Text around token ``i`` (an index into the token arrays): (left context, the token, right context)."""
+        same = (self.prompt == self.prompt[i]).nonzero().squeeze(1)
+        pos = int(self.position[i])
+        left = [int(self.token[j]) for j in same if pos - before <= int(self.position[j]) < pos]
+        right = [int(self.token[j]) for j in same if pos < int(self.position[j]) <= pos + after]
+        return tokenizer.decode(left), tokenizer.decode([int(self.token[i])]), tokenizer.decode(right)
 
     def per_prompt(self, values: torch.Tensor, where: str = "post_instruction", reduce: str = "max") -> torch.Tensor:
         """Reduce token-level ``values`` [n_tokens, k] to one row per prompt [n_prompts, k] over ``where``."""
@@ -98,7 +107,7 @@ def capture_prompts(loaded, prompts: Sequence[str], hook_names: Sequence[str], b
     names = [loaded.arch.resolve(n) for n in hook_names]
     batches = list(prompt_batches(loaded.tokenizer, prompts, batch_size=batch_size, chat=chat, max_length=max_length))
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    prompt_ids, positions, from_end = [], [], []
+    prompt_ids, positions, from_end, tokens = [], [], [], []
     offset = 0
     stream = iter_activations(loaded, batches, HookConfig(layers=[], hook_points=(), names=tuple(names)))
     for batch, cb in zip(batches, track(stream, description, total=len(batches))):
@@ -108,10 +117,11 @@ def capture_prompts(loaded, prompts: Sequence[str], hook_names: Sequence[str], b
         pos = torch.arange(mask.shape[1]).expand_as(mask)
         prompt_ids.append((torch.arange(len(mask))[:, None] + offset).expand_as(mask)[mask])
         positions.append(pos[mask])
+        tokens.append(batch["input_ids"][mask])
         from_end.append((lengths[:, None] - 1 - pos)[mask])
         for n in names:
             parts[n].append(cb.acts[n][mask])
         offset += len(mask)
     return PromptActs({n: torch.cat(v) for n, v in parts.items()}, torch.cat(prompt_ids), torch.cat(positions),
                       torch.cat(from_end), offset, pre_instruction_length(loaded.tokenizer) if chat else 0,
-                      post_instruction_length(loaded.tokenizer) if chat else 0)
+                      post_instruction_length(loaded.tokenizer) if chat else 0, torch.cat(tokens))
