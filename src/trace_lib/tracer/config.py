@@ -10,10 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from trace_lib.errors import HookError
+from trace_lib.errors import HookError, TraceError
 from trace_lib.models.arch import BLOCK_POINTS
 
 KV_CACHE_KINDS = ("dynamic", "fp8", "quanto", "hqq")
+
+
+class TracerInputError(TraceError):
+    """Input the tracer cannot trace: an empty prompt, no tokenizer for a text prompt, a token id outside the
+    vocabulary, a reference that does not match the traced model."""
 
 
 @dataclass
@@ -67,7 +72,9 @@ class ModelTracerConfig:
         |value| above 1e6, or a standard deviation above 1e4).
     Logit lens
         ``logit_top_k``: how many of the final top tokens are tracked when ``tracked_tokens`` is ``None``;
-        ``logit_positions``: token positions lensed (default the last; negative counts from the end).
+        ``logit_positions``: token positions lensed (default the last real token; negative counts from the end;
+        ``None``: every real token). ``keep_lens_logits``: keep each lens trace's [n_layers, vocab] logits in
+        memory (``LogitLensTrace.logits``; never written to JSON).
     Quantization error (reference against variant, ``resid_post`` at every layer)
         warning when cosine < ``quant_warning_cosine`` or SNR < ``quant_warning_snr_db``; critical when
         cosine < ``quant_critical_cosine`` or SNR < ``quant_critical_snr_db`` (see
@@ -93,7 +100,8 @@ class ModelTracerConfig:
     explosion_abs: float = 1e6
     explosion_std: float = 1e4
     logit_top_k: int = 5
-    logit_positions: Sequence[int] = (-1,)
+    logit_positions: Sequence[int] | None = (-1,)
+    keep_lens_logits: bool = False
     quant_warning_cosine: float = 0.99
     quant_warning_snr_db: float = 20.0
     quant_critical_cosine: float = 0.9
@@ -132,6 +140,8 @@ class ModelTracerConfig:
             raise HookError(f"logit_top_k must be at least 1, not {self.logit_top_k}")
         if self.kv_cache not in KV_CACHE_KINDS:
             raise HookError(f"unknown KV cache {self.kv_cache!r}: use one of {', '.join(KV_CACHE_KINDS)}")
+        if self.tracked_tokens is not None and not self.tracked_tokens:
+            raise TracerInputError("tracked_tokens is empty: give token ids, or None to track the final top-k")
         if not (self.quant_critical_cosine <= self.quant_warning_cosine
                 and self.quant_critical_snr_db <= self.quant_warning_snr_db):
             raise HookError("critical quantization thresholds must be at or below the warning ones")

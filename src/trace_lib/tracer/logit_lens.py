@@ -7,7 +7,7 @@ logits. For each lensed position a :class:`LogitLensTrace` records
 
 - for every tracked token (``tracked_tokens``, or the final top-k), its logit and rank per layer (rank 0 = top;
   rank = number of vocabulary entries with a strictly higher logit, the seed's ``compute_rank``);
-- the top token per layer;
+- the top token per layer, and the rank per layer of the final top-1 token;
 - ``kl_to_final[l]`` = KL(p_final || p_l) = sum_v p_final(v) (ln p_final(v) - ln p_l(v)), in nats, as the
   tuned-lens paper (Belrose et al. 2023) measures a lens against the final distribution; 0 at the last layer;
 - ``decisive_layer``: the first layer from which the final top-1 token stays top-1 through the last layer.
@@ -51,8 +51,10 @@ class LogitLensTrace:
     top_probs: list[float] = field(default_factory=list)
     kl_to_final: list[float] = field(default_factory=list)
     final_top1: int | None = None
+    final_top1_rank: list[int] = field(default_factory=list)
     decisive_layer: int | None = None
     batch_index: int = 0
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [n_layers, vocab], opt-in
 
     def rank_of(self, token_id: int) -> list[int] | None:
         for t in self.tracked_tokens:
@@ -61,7 +63,7 @@ class LogitLensTrace:
         return None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "logits"}
         d["tracked_tokens"] = [t.to_dict() for t in self.tracked_tokens]
         return d
 
@@ -95,10 +97,11 @@ def compute_rank(logits: torch.Tensor, token_id: int) -> int:
 
 
 def build_lens_trace(layer_logits: torch.Tensor, layers: list[int], position: int, tracked: list[int] | None,
-                     top_k: int, decode=None, batch_index: int = 0) -> LogitLensTrace:
+                     top_k: int, decode=None, batch_index: int = 0, keep_logits: bool = False) -> LogitLensTrace:
     """A :class:`LogitLensTrace` from ``layer_logits`` [n_layers, vocab] (the last row is the final layer).
 
-    ``tracked``: token ids to follow (None: the final top-``top_k``); ``decode``: id -> string, optional.
+    ``tracked``: token ids to follow (None: the final top-``top_k``); ``decode``: id -> string, optional;
+    ``keep_logits``: keep ``layer_logits`` on the trace (not written to JSON).
     """
     decode = decode or (lambda i: "")
     logits = layer_logits.float()
@@ -121,11 +124,13 @@ def build_lens_trace(layer_logits: torch.Tensor, layers: list[int], position: in
                                   per_layer_logit=vals[:, j].tolist(), per_layer_rank=ranks[:, j].tolist(),
                                   final_probability=float(final_p[tid]), final_rank=int(ranks[-1, j]))
         evolutions.append(evo)
+    top1_rank = (logits > logits[:, final_top1:final_top1 + 1]).sum(-1).tolist()
     top_list = top_ids.tolist()
     decisive = len(top_list) - 1
     while decisive > 0 and top_list[decisive - 1] == final_top1:
         decisive -= 1
     return LogitLensTrace(position=position, layers=list(layers), tracked_tokens=evolutions, top_tokens=top_list,
                           top_token_strs=[decode(i) for i in top_list], top_probs=top_probs.tolist(),
-                          kl_to_final=kl.tolist(), final_top1=final_top1, decisive_layer=layers[decisive],
-                          batch_index=batch_index)
+                          kl_to_final=kl.tolist(), final_top1=final_top1,
+                          final_top1_rank=top1_rank, decisive_layer=layers[decisive],
+                          batch_index=batch_index, logits=layer_logits if keep_logits else None)
