@@ -281,6 +281,10 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
     """All feature- and direction-level comparisons of one variant against the reference on the same prompts."""
     hooks = list(saes)
     mask = token_mask(ref, hooks)
+    # The fingerprint's features are measured where the fingerprint reads them (post-instruction tokens by
+    # default): the positions that matter for them, and where they are strongly active rather than near the
+    # SAE's threshold (see docs/metrics.md, "the CPFR noise floor").
+    fp_mask = token_mask(ref, hooks, fp.metadata.get("positions", "post_instruction"))
     if var.acts[hooks[0]].shape != ref.acts[hooks[0]].shape:
         raise SAEError("reference and variant activations cover different tokens; they must read the same prompts")
     feats_ref, resid_ref = reduce_prompt_acts(ref, saes, fp.metadata.get("positions", "post_instruction"),
@@ -306,10 +310,14 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
                               "cpfr_median_all_features": float(per.median()) if len(per) else float("nan"),
                               "active_features": whole.num_active,
                               "degraded_features_all": len(whole.degraded_features)}
+        hs["fingerprint_tokens"] = int(fp_mask.sum())
         if recs:
             ids = sorted({r.feature for r, _, _ in recs})
             col = {fid: i for i, fid in enumerate(ids)}
-            sub_ref, sub_var = codes_ref[:, ids], codes_var[:, ids]
+            fp_ref = _encode(sae, ref.acts[h][fp_mask])
+            fp_var = _encode(sae, var.acts[h][fp_mask])
+            sub_ref, sub_var = fp_ref[:, ids], fp_var[:, ids]
+            fp_cpfr = CPFR(threshold).compute(sub_ref, sub_var, feature_ids=ids)
             drift = FeatureDrift().compute(sub_ref, sub_var, feature_ids=ids)
             mute = ActivationMuting().detect_muting(sub_ref, sub_var, feature_ids=ids)
             muted = set(mute.muted_features)
@@ -323,7 +331,7 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
                 var_act = float(feats_var[h][rows, r.feature].mean()) if len(rows) else float("nan")
                 features.append(FeatureAudit(
                     hook=h, feature=r.feature, kind=kind, category=categories, train_auroc=r.auroc,
-                    cpfr=float(whole.per_feature[r.feature]),
+                    cpfr=float(fp_cpfr.per_feature[i]),
                     relative_mean_change=float(drift.relative_mean_change[i]),
                     normalized_wasserstein=float(drift.normalized_wasserstein[i]),
                     firing_rate_ref=float(drift.firing_rate_ref[i]), firing_rate_variant=float(drift.firing_rate_quant[i]),
@@ -331,8 +339,8 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
                     prompt_activation_kept=var_act / ref_act if ref_act > 0 else float("nan")))
         # For the most degraded fingerprint features here: where the reference fires most, and the variant there.
         worst = sorted((f for f in features if f.hook == h), key=lambda f: f.cpfr)[:n_examples]
-        hs["examples"] = {str(f.feature): top_examples(ref, mask, codes_ref, codes_var, f.feature, tokenizer)
-                          for f in worst}
+        hs["examples"] = {str(f.feature): top_examples(ref, fp_mask, fp_ref, fp_var, f.feature, tokenizer)
+                          for f in worst} if recs else {}
         hook_stats[h] = hs
     directions = []
     for d in fp.directions:

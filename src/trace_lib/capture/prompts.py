@@ -75,7 +75,7 @@ class PromptActs:
             return self.from_end < max(self.n_post, 1)
         raise ValueError(f"unknown position set {where!r}: use post_instruction, last, instruction or all")
 
-    def context(self, i: int, tokenizer, before: int = 12, after: int = 3) -> tuple[str, str, str]:
+    def context(self, i: int, tokenizer, before: int = 16, after: int = 3) -> tuple[str, str, str]:
         """Text around token ``i`` (an index into the token arrays): (left context, the token, right context)."""
         same = (self.prompt == self.prompt[i]).nonzero().squeeze(1)
         pos = int(self.position[i])
