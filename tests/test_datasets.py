@@ -141,14 +141,16 @@ def test_comprehensive_is_exactly_the_union():
 
 def test_builtin_files_are_valid_jsonl_with_the_documented_fields():
     required = {"id", "text", "label", "category", "split", "behaviour"}
-    names = sorted(p.name for p in DATA_DIR.glob("*.jsonl"))
+    # reply_labels_v1.jsonl is the red-team classifier's hand-labelled sample, not a prompt set
+    prompt_files = [p for p in DATA_DIR.glob("*.jsonl") if not p.name.startswith("reply_labels")]
+    names = sorted(p.name for p in prompt_files)
     assert names == [
         "capability_v1.jsonl",
         "harmful_refusal_v1.jsonl",
         "safety_warning_v1.jsonl",
         "uncertainty_v1.jsonl",
     ]
-    for path in DATA_DIR.glob("*.jsonl"):
+    for path in prompt_files:
         for line in path.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             assert required <= set(rec) <= required | {"pair_id"}

@@ -21,6 +21,14 @@ err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', 'gemma3-270m', a HF folder or a .gguf")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for result files")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here")]
+
+
+def _write_html(result, path: Path | None, **kw) -> None:
+    if path is not None:
+        from trace_lib.report import write_html
+
+        out.print(f"wrote {write_html(result, path, **kw)}")
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -74,6 +82,7 @@ def audit(
     hook: Annotated[list[str], typer.Option("--hook", help="hook point for trained SAEs; repeatable (default: resid_post at 1/3, 1/2, 2/3 depth)")] = None,  # noqa: E501
     threshold: Annotated[float, typer.Option(help="CPFR below which a feature counts as degraded")] = 0.8,
     out_dir: OutOpt = Path("trace-out"),
+    html: HtmlOpt = None,
 ) -> None:
     """Audit safety features of quantized variants against the reference (SAEs, fingerprint, CPFR, KL)."""
     from trace_lib.audit import Audit
@@ -86,6 +95,7 @@ def audit(
     path = result.save(out_dir / "audit.json")
     out.print(f"wrote {path} (audit {result.timing['audit_s']:.0f} s, of which forward passes "
               f"{result.timing['forward_s']:.0f} s)")
+    _write_html(result, html)
 
 
 @app.command()
@@ -97,6 +107,7 @@ def sweep(
     sae: Annotated[Path | None, typer.Option(help="folder of SAEs; default: train or use cached")] = None,
     min_cpfr: Annotated[float, typer.Option(help="safety CPFR bar for the recommended config")] = 0.9,
     out_dir: OutOpt = Path("trace-out"),
+    html: HtmlOpt = None,
 ) -> None:
     """Precision sweep: audit a ladder of configs; decay curves of safety vs capability features; best config."""
     from trace_lib.sweep import OptimizationAuditor
@@ -108,6 +119,7 @@ def sweep(
     out.print(result.summary(), highlight=False)
     out.print(str(result.best_config(min_cpfr)), highlight=False)
     out.print(f"wrote {result.save(out_dir / 'sweep.json')}")
+    _write_html(result, html, min_cpfr=min_cpfr)
 
 
 @app.command()
@@ -129,6 +141,13 @@ def hooks(model: ModelOpt = "default") -> None:
               f"{len(names)} hook points")
     for n in names:
         out.print(n)
+
+
+from trace_lib.redteam.cli import redteam_command  # noqa: E402
+from trace_lib.report.cli import report_command  # noqa: E402
+
+app.command("redteam")(redteam_command)
+app.command("report")(report_command)
 
 
 @app.command()

@@ -1,0 +1,115 @@
+"""The report in a real browser: headless Chromium (Debian's ``chromium``) loads the page from a file with no
+network, logs no console message (no error, no CSP violation, no uncaught exception), runs the page's script
+(tables sortable, the feature table filterable, a sort requested in the address applied), shows the verdict,
+the tables and the figures, and takes a screenshot.
+
+Console messages are read from Chromium's own log (``--enable-logging=stderr``: one ``CONSOLE`` line per
+message); a control page with a deliberate error proves the log is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_report import Page, redteam_dict, result_folder, with_safety_features
+from trace_lib.audit import AuditResult
+from trace_lib.report import load_result, write_html
+from trace_lib.report.html import CPFR_COL
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.access(p, os.X_OK)),
+                None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless browser test needs Debian's chromium "
+                                                          "(apt-get install chromium); not installed here")
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-default-apps", "--disable-extensions", "--mute-audio", "--enable-logging=stderr", "--v=0"]
+CONSOLE = re.compile(r"CONSOLE[(:]|Uncaught|Content Security Policy|Refused to", re.I)
+
+
+def chromium(url: str, tmp: Path, *args: str, timeout: int = 180) -> tuple[str, list[str]]:
+    """Run headless Chromium on ``url``; (stdout, the console lines of its log)."""
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args, url], capture_output=True,
+                          text=True, timeout=timeout)
+    console = [ln for ln in proc.stderr.splitlines() if CONSOLE.search(ln)]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, console
+
+
+@pytest.fixture(scope="module")
+def pages(tiny_folder, tmp_path_factory) -> dict[str, Path]:
+    result_files = result_folder(tiny_folder, tmp_path_factory)
+    out = tmp_path_factory.mktemp("report-pages")
+    audit = AuditResult.from_dict(with_safety_features(json.loads((result_files / "audit.json").read_text())))
+    return {"audit": write_html(audit, out / "audit.html"),
+            "sweep": write_html(load_result(result_files / "sweep.json"), out / "sweep.html"),
+            "compare": write_html(load_result(result_files / "compare.json"), out / "compare.html"),
+            "redteam": write_html(redteam_dict(), out / "redteam.html")}
+
+
+def test_console_errors_are_seen(tmp_path):
+    """The control: a page with an uncaught error and a console.error produces console lines."""
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><body><script>console.error("control error"); '
+                    "notDefined();</script></body></html>")
+    _, console = chromium(page.as_uri(), tmp_path, "--dump-dom")
+    assert any("control error" in ln for ln in console) and any("notDefined" in ln for ln in console)
+
+
+@pytest.mark.parametrize("kind", ["audit", "sweep", "compare", "redteam"])
+def test_page_loads_clean_and_its_script_runs(pages, kind, tmp_path):
+    dom, console = chromium(pages[kind].as_uri(), tmp_path, "--dump-dom")
+    assert console == [], "console messages:\n" + "\n".join(console)
+    page = Page(dom)
+    root = next(a for t, a in page.elements if t == "html")
+    assert root.get("data-report-js") == "ready", "the page's script did not run to its end"
+    tables = [a for t, a in page.elements if t == "table" and "sortable" in a.get("class", "")]
+    assert tables and all(a.get("data-sortable") == "ready" for a in tables)
+    assert any(t == "section" and a.get("id") == "verdict" for t, a in page.elements)
+    banner = next(a for t, a in page.elements if a.get("id") == "verdict-banner")
+    assert banner["data-verdict"] in ("OK", "WARNING", "NONE")
+    assert any(t == "svg" and "plot" in a.get("class", "") for t, a in page.elements) or kind == "redteam"
+
+
+@pytest.mark.parametrize("kind", ["audit", "sweep"])
+def test_feature_table_sorts_and_filters(pages, kind, tmp_path):
+    """``#sort=features-table:<CPFR column>`` makes the script sort that table by CPFR, ascending, numerically."""
+    dom, console = chromium(pages[kind].as_uri() + f"#sort=features-table:{CPFR_COL}", tmp_path, "--dump-dom")
+    assert console == []
+    page = Page(dom)
+    table = next(a for t, a in page.elements if t == "table" and a.get("id") == "features-table")
+    assert table["data-sortable"] == "ready" and table["data-filterable"] == "ready"
+    assert table["data-sorted"] == f"{CPFR_COL}:asc"
+    rows = page.rows("features-table")
+    assert len(rows) > 10 and int(table["data-shown"]) == len(rows)
+    keys = [float(r[CPFR_COL][1]["data-sort"]) for r in rows if r[CPFR_COL][1].get("data-sort")]
+    assert keys == sorted(keys) and len(set(keys)) > 1
+    # the original order (by variant) is not sorted by CPFR, so the script did the sorting
+    orig = Page(pages[kind].read_text(encoding="utf-8")).rows("features-table")
+    assert [float(r[CPFR_COL][1]["data-sort"]) for r in orig if r[CPFR_COL][1].get("data-sort")] != keys
+
+
+def test_screenshot(pages, tmp_path):
+    shot = tmp_path / "audit.png"
+    _, console = chromium(pages["audit"].as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1280,2000",
+                          "--hide-scrollbars")
+    assert console == []
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2000)
+        colours = im.convert("RGB").resize((64, 100)).getcolors(64 * 100)
+        assert colours is None or len(colours) > 20, "the screenshot is blank"
+    keep = os.environ.get("TRACE_REPORT_SCREENSHOT")
+    if keep:  # e.g. CI keeps it as an artifact
+        shutil.copy(shot, keep)
