@@ -61,7 +61,7 @@ def tensor_stats(t: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSta
     """Statistics of ``t`` ([..., d]: the last dimension is the model width, the others are tokens).
 
     ``dtype`` is the dtype whose limits count as saturation (default ``t.dtype``). Runs on ``t``'s device
-    in float32 and synchronises once.
+    in float32.
     """
     dtype = dtype or t.dtype
     x = t.detach()
@@ -73,24 +73,40 @@ def tensor_stats(t: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSta
     x = x.float() if x.dtype != torch.float32 else x
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
     nan = inf = 0
-    if not bool(torch.isfinite(x2).all()):
+    total = x2.sum()
+    # A finite sum proves every value finite (a NaN or an infinity makes the sum non-finite), so the
+    # elementwise check runs only when something is wrong or the sum overflowed.
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x2).all()):
         nan = int(torch.isnan(x2).sum())
         inf = int(torch.isinf(x2).sum())
         finite = torch.isfinite(x2)
         flat = x2[finite]
         x2 = torch.where(finite, x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
+        total = flat.sum()
     else:
         flat = x2.reshape(-1)
-    if flat.numel() == 0:
+    m = flat.numel()
+    if m == 0:
         return TensorStats(count=n, nan_count=nan, inf_count=inf, mean=math.nan, std=math.nan, min=math.nan,
                            max=math.nan, abs_max=math.nan, l2_norm=math.nan, token_norm_median=math.nan,
                            dtype=_dtype_name(dtype))
-    std, mean = torch.std_mean(flat) if flat.numel() > 1 else (torch.zeros(()), flat.mean())
-    lo, hi = torch.aminmax(flat)
     token_norms = torch.linalg.vector_norm(x2, dim=-1)
     l2 = torch.linalg.vector_norm(token_norms)
-    med = token_norms.median()
-    mean_f, std_f, lo_f, hi_f, l2_f, med_f = torch.stack([mean, std, lo, hi, l2, med]).tolist()
+    lo, hi = torch.aminmax(flat)
+    total_f, l2_f, lo_f, hi_f, med_f = torch.stack([total, l2, lo, hi, token_norms.median()]).tolist()
+    # Mean and variance from the sums: three passes in all and no temporaries the size of the tensor. Where
+    # that formula would cancel (n mean^2 close to the sum of squares) or a sum overflowed, Welford's
+    # algorithm (torch.std_mean) runs instead, as the seed computes it.
+    sumsq = l2_f * l2_f
+    mean_f = total_f / m
+    mean_sq = mean_f * mean_f * m
+    if m < 2:
+        std_f = 0.0
+    elif math.isfinite(total_f) and math.isfinite(sumsq) and sumsq > 0 and mean_sq / sumsq < 0.99:
+        std_f = math.sqrt(max(sumsq - mean_sq, 0.0) / (m - 1))
+    else:
+        std, mean = torch.std_mean(flat)
+        std_f, mean_f = float(std), float(mean)
     abs_max = max(abs(lo_f), abs(hi_f))
     saturated = 0.0
     if dtype.is_floating_point:

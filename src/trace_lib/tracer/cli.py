@@ -59,6 +59,10 @@ def tracer_command(
     attn = AttentionTraceConfig(top_k=top_k, layers=attn_layer or None, heads=attn_head or None)
     make = ModelTracerConfig.full if preset == "full" else ModelTracerConfig.lightweight
     config = make(attention_config=attn, logit_top_k=top_k, tracked_tokens=track or None, kv_cache=kv_cache)
+    if variant and not Path(variant).expanduser().exists():
+        from trace_lib.quant import parse_config
+
+        parse_config(variant)  # an unknown config name fails here, before the model loads
     reference = load_model(model)
     traced = resolve_variant(reference, variant) if variant else reference
     tracer = ModelTracer(config).attach(traced, reference=reference if variant else None)

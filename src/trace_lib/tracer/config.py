@@ -113,14 +113,16 @@ class ModelTracerConfig:
     def full(cls, **overrides) -> ModelTracerConfig:
         """Trace everything (for debugging): every block hook point, attention, logit lens, quantization
         error and KV cache."""
-        return cls(trace_activations=True, trace_attention=True, trace_logits=True, trace_quant_error=True,
-                   trace_kv_cache=True, activation_points=("resid_pre", "attn_out", "resid_mid", "mlp_out",
-                                                           "resid_post"), **overrides)
+        return cls(**{"trace_activations": True, "trace_attention": True, "trace_logits": True,
+                      "trace_quant_error": True, "trace_kv_cache": True,
+                      "activation_points": ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"),
+                      **overrides})
 
     @classmethod
     def lightweight(cls, **overrides) -> ModelTracerConfig:
         """Activations (``resid_post`` statistics at every layer) and KV cache only: cheap enough to leave on."""
-        return cls(trace_activations=True, trace_kv_cache=True, activation_points=("resid_post",), **overrides)
+        return cls(**{"trace_activations": True, "trace_kv_cache": True, "activation_points": ("resid_post",),
+                      **overrides})
 
     def is_enabled(self) -> bool:
         """Whether any tracing is switched on."""

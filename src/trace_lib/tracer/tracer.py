@@ -52,7 +52,13 @@ from trace_lib.tracer.kv_cache import (
     next_token_kl,
 )
 from trace_lib.tracer.logit_lens import LogitLensTrace, build_lens_trace, lens_logits
-from trace_lib.tracer.quant_error import LayerQuantError, QuantErrorTrace, _level, quant_error_trace, thresholds_of
+from trace_lib.tracer.quant_error import (
+    LayerQuantError,
+    QuantErrorTrace,
+    level_of,
+    quant_error_trace,
+    thresholds_of,
+)
 
 RESULT_KIND = "trace.tracer"
 RESULT_VERSION = 1
@@ -111,14 +117,14 @@ class ForwardTrace:
         return rows
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "position": self.position, "n_tokens": self.n_tokens,
-                "input_ids": self.input_ids, "tokens": self.tokens, "anomaly": self.anomaly, "notes": self.notes,
-                "activations": self.activations.to_dict() if self.activations else None,
-                "attention": [a.to_dict() for a in self.attention],
-                "logit_lens": [t.to_dict() for t in self.logit_lens],
-                "quant_error": self.quant_error.to_dict() if self.quant_error else None,
-                "layers": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-                           for r in self.layer_rows()]}
+        """Plain JSON-safe data (NaN and infinities as None)."""
+        return _finite({"index": self.index, "position": self.position, "n_tokens": self.n_tokens,
+                        "input_ids": self.input_ids, "tokens": self.tokens, "anomaly": self.anomaly,
+                        "notes": self.notes, "activations": self.activations.to_dict() if self.activations else None,
+                        "attention": [a.to_dict() for a in self.attention],
+                        "logit_lens": [t.to_dict() for t in self.logit_lens],
+                        "quant_error": self.quant_error.to_dict() if self.quant_error else None,
+                        "layers": self.layer_rows()})
 
 
 @dataclass
@@ -163,9 +169,10 @@ def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class ModelTracer:
     """Per-layer tracing of activations, attention, logit lens, quantization error and KV cache.
 
-    ``ModelTracer(config)`` follows the seed; ``attach(model, reference=None)`` binds a model (a
-    :class:`~trace_lib.models.Loaded` or a Hugging Face causal LM) and optionally the reference it is compared
-    with for the quantization error.
+    ``ModelTracer(config)`` follows the seed (default config: ``ModelTracerConfig.lightweight()``);
+    ``attach(model, reference=None)`` binds a model (a :class:`~trace_lib.models.Loaded` or a Hugging Face
+    causal LM) and optionally the reference it is compared with for the quantization error (``trace()`` passes
+    only; generation steps are not compared).
     """
 
     def __init__(self, config: ModelTracerConfig | None = None, model=None, reference=None):
@@ -260,7 +267,7 @@ class ModelTracer:
         if not self.config.trace_quant_error or self._current is None:
             return
         th = thresholds_of(self.config)
-        err.level = _level(err.cosine, err.snr_db, th)
+        err.level = level_of(err.cosine, err.snr_db, th)
         if self._current.quant_error is None:
             self._current.quant_error = QuantErrorTrace(thresholds=th)
         self._current.quant_error.add_error(err)
@@ -328,9 +335,10 @@ class ModelTracer:
                     rec = inspector.measure(step, step_ids.shape[1], int(next_tok[0]) if next_tok.numel() == 1
                                             else None)
                     if full_cache is not None:
+                        dev = _device(model)
                         with torch.no_grad():
-                            full = model(input_ids=step_ids, attention_mask=full_mask, past_key_values=full_cache,
-                                         use_cache=True).logits[:, -1]
+                            full = model(input_ids=step_ids.to(dev), attention_mask=full_mask.to(dev),
+                                         past_key_values=full_cache, use_cache=True).logits[:, -1]
                         rec.next_token_kl, rec.top1_matches_full_precision = next_token_kl(full.float(), last.float())
                     self.record_kv_state(rec)
                 new.append(next_tok)
@@ -558,25 +566,20 @@ class ModelTracer:
     def to_dict(self) -> dict:
         from trace_lib import __version__
 
-        return {"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
-                "model": self.loaded.describe() if self.loaded is not None else None,
-                "reference": self.reference.describe() if self.reference is not None else None,
-                "config": self.config.to_dict(), "summary": self.summary(), "notes": self.notes,
-                "forwards": [f.to_dict() for f in self.forwards],
-                "generations": [g.to_dict() for g in self.generations]}
+        """Everything recorded, as plain JSON-safe data (NaN and infinities as None): what reports read."""
+        return _finite({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
+                        "model": self.loaded.describe() if self.loaded is not None else None,
+                        "reference": self.reference.describe() if self.reference is not None else None,
+                        "config": self.config.to_dict(), "summary": self.summary(), "notes": self.notes,
+                        "forwards": [f.to_dict() for f in self.forwards],
+                        "generations": [g.to_dict() for g in self.generations]})
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON, atomically."""
-        return atomic_write_json(path, _finite(self.to_dict()))
-
-
-def _json_default(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+        return atomic_write_json(path, self.to_dict())
 
 
 def _finite(obj):
