@@ -121,7 +121,7 @@ def test_examples_show_reference_top_tokens(tiny_audit):
     int2 = result.variant("int2-rtn-g32")
     examples = int2.hooks["blocks.1.hook_resid_post"]["examples"]
     assert examples, "the most degraded features come with examples"
-    for fid, rows in examples.items():
+    for rows in examples.values():
         acts = [r["ref"] for r in rows]
         assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
         for r in rows:

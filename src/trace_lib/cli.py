@@ -116,8 +116,7 @@ def sweep(
     if sae is not None:
         auditor.audit.load_sae(sae)
     result = auditor.run_sweep(configs=config or None, ladder=None if config else ladder, dataset=dataset)
-    out.print(result.summary(), highlight=False)
-    out.print(str(result.best_config(min_cpfr)), highlight=False)
+    out.print(result.summary(min_cpfr=min_cpfr), highlight=False)
     out.print(f"wrote {result.save(out_dir / 'sweep.json')}")
     _write_html(result, html, min_cpfr=min_cpfr)
 
@@ -145,9 +144,11 @@ def hooks(model: ModelOpt = "default") -> None:
 
 from trace_lib.redteam.cli import redteam_command  # noqa: E402
 from trace_lib.report.cli import report_command  # noqa: E402
+from trace_lib.tracer.cli import tracer_command  # noqa: E402
 
 app.command("redteam")(redteam_command)
 app.command("report")(report_command)
+app.command("tracer")(tracer_command)
 
 
 @app.command()

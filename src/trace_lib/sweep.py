@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trace_lib import __version__
 from trace_lib.audit import Audit, AuditResult, VariantAudit, _clean
 from trace_lib.cache import atomic_write_json
@@ -67,8 +69,7 @@ class SweepRow:
     reason: str = ""
     audit: VariantAudit | None = None
     build_s: float = float("nan")
-    tokens_per_s: float = float("nan")
-    reference_tokens_per_s: float = float("nan")
+    speed_ratio: float = float("nan")  # reference forward time / variant forward time on the same batch
 
     def metric(self, key: str) -> float:
         a = self.audit
@@ -95,10 +96,7 @@ class SweepRow:
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "config": self.config, "status": self.status, "reason": self.reason,
-             "build_s": self.build_s, "tokens_per_s": self.tokens_per_s,
-             "reference_tokens_per_s": self.reference_tokens_per_s,
-             "speed_vs_reference": self.tokens_per_s / self.reference_tokens_per_s
-             if self.status == "ok" else None}
+             "build_s": self.build_s, "speed_vs_reference": self.speed_ratio}
         if self.audit is not None:
             d["summary"] = {k: self.metric(k) for k in (
                 "safety_cpfr", "capability_cpfr", "all_features_cpfr", "safety_muting_rate", "capability_muting_rate",
@@ -112,8 +110,7 @@ class SweepRow:
         return cls(d["name"], d["config"], d["status"], d.get("reason", ""),
                    VariantAudit.from_dict(d["audit"]) if d.get("audit") else None,
                    d.get("build_s") if d.get("build_s") is not None else nan,
-                   d.get("tokens_per_s") if d.get("tokens_per_s") is not None else nan,
-                   d.get("reference_tokens_per_s") if d.get("reference_tokens_per_s") is not None else nan)
+                   d.get("speed_vs_reference") if d.get("speed_vs_reference") is not None else nan)
 
 
 @dataclass
@@ -187,7 +184,7 @@ class SweepResult:
             curves[ladder] = sorted(pts, key=lambda p: -p["bits"])
         return curves
 
-    def summary(self) -> str:
+    def summary(self, min_cpfr: float = 0.9) -> str:
         lines = [f"trace sweep of {self.reference['name']}: {len(self.rows)} configs "
                  f"({sum(r.status == 'ok' for r in self.rows)} ran)",
                  f"{'config':<18} {'bits/w':>7} {'MB':>7} {'safety CPFR':>12} {'capab. CPFR':>12} {'muted':>6} "
@@ -199,8 +196,8 @@ class SweepResult:
             lines.append(f"{r.name:<18} {r.metric('bits_per_weight'):7.2f} {r.metric('model_size_mb'):7.1f} "
                          f"{r.metric('safety_cpfr'):12.3f} {r.metric('capability_cpfr'):12.3f} "
                          f"{100 * r.metric('safety_muting_rate'):5.0f}% {r.metric('kld_mean'):8.4f} "
-                         f"{100 * r.metric('same_top_rate'):8.1f}% {r.tokens_per_s / r.reference_tokens_per_s:5.2f}x")
-        lines.append(str(self.best_config()))
+                         f"{100 * r.metric('same_top_rate'):8.1f}% {r.speed_ratio:5.2f}x")
+        lines.append(str(self.best_config(min_cpfr)))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -225,6 +222,24 @@ class SweepResult:
             raise ResultFormatError(f"sweep result version {d.get('version')} is not {RESULT_VERSION}; re-run the sweep")
         return cls(d["reference"], [SweepRow.from_dict(r) for r in d["rows"]], d["ladders"],
                    AuditResult.from_dict(d["base"]), d.get("settings", {}), d.get("timing", {}))
+
+
+def forward_speed_ratio(ref_model, var_model, batch: dict, repeats: int = 3) -> float:
+    """Reference forward time / variant forward time on the same batch (>1: the variant is faster).
+
+    The two run in turn, ``repeats`` times each after one warm-up, and the medians are compared, so a change
+    in machine load affects both alike (timings taken at different moments of a sweep would not be)."""
+    import statistics
+
+    times: dict[str, list[float]] = {"ref": [], "var": []}
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            for key, m in (("ref", ref_model), ("var", var_model)):
+                t0 = time.perf_counter()
+                m(**batch, use_cache=False)
+                if i:
+                    times[key].append(time.perf_counter() - t0)
+    return round(statistics.median(times["ref"]) / statistics.median(times["var"]), 3)
 
 
 class OptimizationAuditor:
@@ -268,8 +283,7 @@ class OptimizationAuditor:
         elif test_prompts is not None:
             dataset = test_prompts
         sess = self.audit.session(dataset, safety_prompts=safety_list)
-        ref_tokens = int(sess.ref_acts.prompt.numel()) + sess.ref_acts.n_prompts
-        ref_tps = ref_tokens / sess.ref_prompt_s if sess.ref_prompt_s else float("nan")
+        speed_batch = {"input_ids": sess.kl_ids[:2, :128], "attention_mask": torch.ones_like(sess.kl_ids[:2, :128])}
         rows = []
         audits = []
         from trace_lib.progress import track
@@ -283,11 +297,10 @@ class OptimizationAuditor:
                 continue
             build = time.perf_counter() - t0
             va = sess.run(var)
+            speed = forward_speed_ratio(self.audit.reference.model, var.model, speed_batch)
             del var
             audits.append(va)
-            tokens = va.timing["prompt_tokens"] + sess.ref_acts.n_prompts
-            rows.append(SweepRow(cfg.name, cfg.to_dict(), "ok", audit=va, build_s=round(build, 3),
-                                 tokens_per_s=tokens / va.timing["prompt_forward_s"], reference_tokens_per_s=ref_tps))
+            rows.append(SweepRow(cfg.name, cfg.to_dict(), "ok", audit=va, build_s=round(build, 3), speed_ratio=speed))
         base = sess.result(audits, time.perf_counter() - t_start)
         used = {name: [n for n in names if any(r.name == n for r in rows)] for name, names in LADDERS.items()
                 if name != "all"}

@@ -785,7 +785,7 @@ def _sweep_body(result, min_cpfr: float) -> tuple[list, list]:
         def m(key: str, r=r, ok=ok) -> float:
             return r.metric(key) if ok else math.nan
 
-        speed = r.tokens_per_s / r.reference_tokens_per_s if ok and r.reference_tokens_per_s else math.nan
+        speed = r.speed_ratio if ok else math.nan
         srows.append([r.name, td(r.status if ok else f"skipped: {r.reason}", cls="wrap"), td_num(m("bits_per_weight"), ".2f"),
                       td_num(m("model_size_mb"), ".1f"), td_num(m("safety_cpfr")), td_num(m("capability_cpfr")),
                       td_num(m("all_features_cpfr")),
