@@ -113,3 +113,33 @@ def test_screenshot(pages, tmp_path):
     keep = os.environ.get("TRACE_REPORT_SCREENSHOT")
     if keep:  # e.g. CI keeps it as an artifact
         shutil.copy(shot, keep)
+
+
+@pytest.fixture(scope="module")
+def tracer_page(tmp_path_factory) -> Path:
+    from test_report_tracer import tracer_dict
+
+    return write_html(load_result(tracer_dict()), tmp_path_factory.mktemp("tracer-page") / "tracer.html")
+
+
+def test_tracer_page_loads_clean_with_its_table_and_plots(tracer_page, tmp_path):
+    """The tracer page: no console message, the per-layer table sortable (a sort by SNR requested in the address
+    applied: layers come in layer order, their SNR falls with depth), the quantization-error, logit-lens, attention and KV-cache figures there."""
+    orig = Page(tracer_page.read_text(encoding="utf-8"))
+    header = [c[0] for c in orig.tables["layers-table"][0]]
+    snr = header.index("SNR dB")
+    dom, console = chromium(tracer_page.as_uri() + f"#sort=layers-table:{snr}", tmp_path, "--dump-dom")
+    assert console == [], "console messages:\n" + "\n".join(console)
+    page = Page(dom)
+    root = next(a for t, a in page.elements if t == "html")
+    assert root.get("data-report-js") == "ready", "the page's script did not run to its end"
+    table = next(a for t, a in page.elements if t == "table" and a.get("id") == "layers-table")
+    assert table["data-sortable"] == "ready" and table["data-sorted"] == f"{snr}:asc"
+    rows = page.rows("layers-table")
+    assert len(rows) == len(orig.rows("layers-table")) == 3
+    keys = [float(r[snr][1]["data-sort"]) for r in rows]
+    assert keys == sorted(keys) and [float(r[snr][1]["data-sort"]) for r in orig.rows("layers-table")] != keys
+    assert next(a for t, a in page.elements if a.get("id") == "verdict-banner")["data-verdict"] in (
+        "OK", "CHECK", "WARNING")
+    plots = {a.get("data-plot") for t, a in page.elements if t == "svg" and "plot" in a.get("class", "")}
+    assert {"quant-error", "logit-lens", "attention", "kv-cache"} <= plots

@@ -854,8 +854,9 @@ def _compare_body(result) -> tuple[list, list]:
 
 # ------------------------------------------------------------------------------------------------ entry points
 def render_html(result: Any, *, min_cpfr: float = 0.9) -> str:
-    """The report page of a result object (AuditResult, SweepResult, CompareResult, a red-team result), a result
-    dict, or a result file's path. ``min_cpfr``: a sweep's recommendation bar."""
+    """The report page of a result object (AuditResult, SweepResult, CompareResult, a red-team result, a
+    ModelTracer or its ``to_dict()``), a result dict, or a result file's path. ``min_cpfr``: a sweep's
+    recommendation bar."""
     if isinstance(result, (str, Path)) or (isinstance(result, Mapping) and not hasattr(result, "kind")):
         result = load_result(result)
     kind = result_kind(result)
@@ -874,6 +875,10 @@ def render_html(result: Any, *, min_cpfr: float = 0.9) -> str:
         body, toc = _compare_body(result)
         title = f"trace compare: {result.reference.get('name', '?')}"
         sub = f"{len(result.variants)} variants; KL-divergence statistics on {result.text.get('source', 'text')}"
+    elif kind == "trace.tracer":
+        from trace_lib.report.tracer import tracer_body
+
+        body, toc, title, sub = tracer_body(result)
     else:
         from trace_lib.report.redteam import redteam_body
 

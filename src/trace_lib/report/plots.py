@@ -278,3 +278,203 @@ def hook_cpfr_svg(hooks: Sequence[str], variants: Sequence[str], features: dict[
         return fig
 
     return _render(build, prefix, "CPFR distribution per hook and variant")
+
+
+# ------------------------------------------------------------------------------------------------ tracer figures
+LEVEL_COLORS = {"ok": CAPABILITY_COLOR, "warning": "#d68910", "critical": SAFETY_COLOR}
+
+
+def _series(xs: Sequence, ys: Sequence) -> tuple[list[float], list[float]]:
+    """The (x, y) pairs whose y is finite."""
+    pts = [(_num(x), _num(y)) for x, y in zip(xs, ys) if _finite(y) and _finite(x)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _layer_axis(ax, layers: Sequence) -> None:
+    finite = sorted({int(_num(x)) for x in layers if _finite(x)})
+    if finite and len(finite) <= 16:
+        ax.set_xticks(finite)
+    ax.set_xlabel("layer")
+
+
+def quant_error_svg(layers: Sequence[int], cosine: Sequence[float | None], snr_db: Sequence[float | None],
+                    levels: Sequence[str | None], thresholds: dict, identical: Sequence[bool] = (),
+                    prefix: str = "quant-error") -> str:
+    """Per layer: cosine and SNR (dB) of the variant's ``resid_post`` against the reference's, points coloured by
+    level, with the warning and critical thresholds drawn. Identical layers (SNR infinite) are listed, not drawn."""
+    if not layers:
+        return ""
+    th = {k: _num(v) for k, v in (thresholds or {}).items()}
+    same = [bool(x) for x in identical] + [False] * (len(layers) - len(identical))
+
+    def build():
+        fig, (ax_c, ax_s) = _figure(2, 4.6, 3.4, sharey=False)
+        wc, ws, cc, cs = (th.get(k) for k in ("warning_cosine", "warning_snr_db", "critical_cosine",
+                                              "critical_snr_db"))
+        names = {"warning": f"warning: cosine < {_num(wc):g} or SNR < {_num(ws):g} dB",
+                 "critical": f"critical: cosine < {_num(cc):g} or SNR < {_num(cs):g} dB"}
+        for ax, ys, warn, crit, name in ((ax_c, cosine, wc, cc, "cosine"),
+                                         (ax_s, [None if s else y for y, s in zip(snr_db, same)], ws, cs,
+                                          "SNR (dB)")):
+            legend = ax is ax_s
+            xs, vals = _series(layers, ys)
+            if xs:
+                ax.plot(xs, vals, "-", color="#7f8c8d", linewidth=1.0, zorder=1)
+                for lv in ("ok", "warning", "critical"):
+                    pts = [(x, y) for x, y, lvl in zip(layers, ys, levels) if lvl == lv and _finite(y)]
+                    if pts:
+                        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, color=LEVEL_COLORS[lv],
+                                   label=f"layer {lv}" if legend else None, zorder=2, linewidths=0)
+            if warn is not None and _finite(warn):
+                ax.axhline(warn, color=LEVEL_COLORS["warning"], linewidth=0.9, linestyle="--",
+                           label=names["warning"] if legend else None)
+            if crit is not None and _finite(crit):
+                ax.axhline(crit, color=LEVEL_COLORS["critical"], linewidth=0.9, linestyle=":",
+                           label=names["critical"] if legend else None)
+            ax.set_ylabel(name)
+            _layer_axis(ax, layers)
+        inf_layers = [str(x) for x, s in zip(layers, same) if s]
+        if inf_layers:
+            ax_s.text(0.01, 0.02, label("identical to the reference (SNR ∞) at layer " + ", ".join(inf_layers)),
+                      transform=ax_s.transAxes, fontsize=7, va="bottom", color="#555555")
+        if not any(_finite(y) for y in snr_db):
+            ax_s.set_ylim(0, max(40.0, (th.get("warning_snr_db") or 20.0) * 2))
+        ax_c.set_title("cosine to the reference")
+        ax_s.set_title("signal-to-noise ratio")
+        ax_s.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    return _render(build, prefix, "Quantization error per layer: cosine and SNR against the reference")
+
+
+def logit_lens_svg(layers: Sequence[int], kl_to_final: Sequence[float | None], final_rank: Sequence[int | None],
+                   decisive_layer: int | None = None, final_token: str | None = None,
+                   prefix: str = "logit-lens") -> str:
+    """Per layer: KL(p_final || p_layer) and the rank of the final top-1 token (symmetric log scale: 0 is top-1),
+    with the decisive layer (from which the final top-1 stays top-1) marked."""
+    if not layers:
+        return ""
+
+    def build():
+        fig, (ax_k, ax_r) = _figure(2, 4.6, 3.4, sharey=False)
+        xs, ys = _series(layers, kl_to_final)
+        if xs:
+            ax_k.plot(xs, ys, "-o", color=CAPABILITY_COLOR, markersize=3.5, linewidth=1.3)
+        ax_k.set_ylabel("KL(final || layer), nats")
+        ax_k.set_title("KL to the final distribution")
+        xs, ys = _series(layers, final_rank)
+        if xs:
+            ax_r.plot(xs, ys, "-o", color=SAFETY_COLOR, markersize=3.5, linewidth=1.3)
+        from matplotlib.ticker import FuncFormatter
+
+        ax_r.set_yscale("symlog", linthresh=1)
+        ax_r.set_ylim(bottom=-0.3, top=max([1.0] + ys) * 3)
+        ax_r.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax_r.set_ylabel("rank (0 = top-1, log scale)")
+        tok = f" {final_token!r}" if final_token is not None else ""
+        ax_r.set_title(label(f"rank of the final top-1{tok}"))
+        if decisive_layer is not None and _finite(decisive_layer):
+            for ax in (ax_k, ax_r):
+                ax.axvline(_num(decisive_layer), color="#1e8449", linewidth=1.0, linestyle="--",
+                           label=f"decisive layer {int(_num(decisive_layer))}")
+            ax_r.legend(loc="upper right", fontsize=8)
+        for ax in (ax_k, ax_r):
+            _layer_axis(ax, layers)
+        fig.tight_layout()
+        return fig
+
+    return _render(build, prefix, "Logit lens: KL to the final distribution and rank of the final top-1 per layer")
+
+
+def attention_entropy_svg(layers: Sequence[int], entropies: Sequence[Sequence[float]],
+                          uniform: Sequence[float | None] = (), prefix: str = "attention") -> str:
+    """Per layer: the attention entropy (nats) of every traced head and query (points), their mean (line) and,
+    where given, the entropy of uniform attention over the keys (ln n_keys, dotted)."""
+    if not layers or not any(any(_finite(e) for e in es) for es in entropies):
+        return ""
+
+    def build():
+        fig, (ax,) = _figure(1, 6.0, 3.4)
+        px, py, mx, my = [], [], [], []
+        for x, es in zip(layers, entropies):
+            vals = sorted(_num(e) for e in es if _finite(e))
+            n = len(vals)
+            for j, y in enumerate(vals):  # deterministic spread instead of random jitter
+                px.append(_num(x) + (0.3 * (j / (n - 1) - 0.5) if n > 1 else 0.0))
+                py.append(y)
+            if vals:
+                mx.append(_num(x))
+                my.append(sum(vals) / n)
+        ax.scatter(px, py, s=8, color=ALL_COLOR, alpha=0.7, linewidths=0, label="heads × queries")
+        ax.plot(mx, my, "-o", color=CAPABILITY_COLOR, markersize=3.5, linewidth=1.3, label="mean")
+        ux, uy = _series(layers, uniform)
+        if ux:
+            ax.plot(ux, uy, ":", color="#555555", linewidth=1.0, label="uniform (ln keys)")
+        ax.set_ylabel("attention entropy (nats)")
+        ax.set_ylim(0, max(py + uy + [0.1]) * 1.12)
+        _layer_axis(ax, layers)
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    return _render(build, prefix, "Attention entropy per layer")
+
+
+def kv_cache_svg(steps: Sequence[int], positions: Sequence[int | None], nbytes: Sequence[int | None],
+                 key_rel_error: Sequence[float | None] = (), value_rel_error: Sequence[float | None] = (),
+                 next_token_kl: Sequence[float | None] = (), prefix: str = "kv-cache") -> str:
+    """Per generation step: positions held and bytes of the KV cache; with a quantized cache, the relative error
+    of its de-quantized keys and values and the next-token KL against a full-precision cache."""
+    if not steps:
+        return ""
+    quantized = any(_finite(x) for x in list(key_rel_error) + list(value_rel_error) + list(next_token_kl))
+
+    def build():
+        fig, axes = _figure(2 if quantized else 1, 4.6, 3.4, sharey=False)
+        ax = axes[0]
+        xs, ys = _series(steps, positions)
+        ax.plot(xs, ys, "-o", color=CAPABILITY_COLOR, markersize=3.5, linewidth=1.3, label="positions held")
+        ax.set_ylabel("positions held", color=CAPABILITY_COLOR)
+        ax.set_xlabel("generation step")
+        ax.set_title("cache length and size")
+        twin = ax.twinx()
+        xs, ys = _series(steps, nbytes)
+        twin.plot(xs, [y / 1024 for y in ys], "--s", color=SAFETY_COLOR, markersize=5, linewidth=1.0,
+                  markerfacecolor="none", label="KiB")
+        twin.set_ylabel("cache size (KiB)", color=SAFETY_COLOR)
+        twin.grid(False)
+        twin.spines["right"].set_visible(True)
+        if quantized:
+            ax = axes[1]
+            for ys, name, color, style in ((key_rel_error, "keys", CAPABILITY_COLOR, "-o"),
+                                           (value_rel_error, "values", "#27ae60", "-s")):
+                xs, vals = _series(steps, ys)
+                if xs:
+                    ax.plot(xs, vals, style, color=color, markersize=3.5, linewidth=1.3,
+                            label=f"{name} rel. error")
+            ax.set_ylabel("relative L2 error of the cached states")
+            ax.set_xlabel("generation step")
+            ax.set_title("quantized-cache error")
+            ax.set_ylim(bottom=0)
+            xs, vals = _series(steps, next_token_kl)
+            if xs:
+                kl = ax.twinx()
+                kl.plot(xs, vals, ":^", color=SAFETY_COLOR, markersize=3.5, linewidth=1.0, label="next-token KL")
+                kl.set_ylabel("next-token KL (nats)", color=SAFETY_COLOR)
+                kl.grid(False)
+                kl.spines["right"].set_visible(True)
+                lines = ax.get_legend_handles_labels()
+                more = kl.get_legend_handles_labels()
+                ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", bbox_to_anchor=(1.25, 1.0),
+                          fontsize=8)
+            else:
+                ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+        for a in axes:
+            finite = sorted({int(_num(x)) for x in steps if _finite(x)})
+            if finite and len(finite) <= 20:
+                a.set_xticks(finite)
+        fig.tight_layout()
+        return fig
+
+    return _render(build, prefix, "KV cache per generation step")

@@ -46,6 +46,7 @@ def tracer_command(
     top_k: Annotated[int, typer.Option(help="attended positions kept per head, and final top tokens tracked by the logit lens")] = 5,  # noqa: E501
     track: Annotated[list[int] | None, typer.Option("--track", help="token id to follow through the logit lens; repeatable (default: the final top-k)")] = None,  # noqa: E501
     out_path: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write")] = Path("trace-out/tracer.json"),
+    html: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here (per-layer table, quantization error, logit lens)")] = None,  # noqa: E501
 ) -> None:
     """Trace one forward pass layer by layer: activation anomalies, attention, logit lens, quantization error."""
     from trace_lib.compare import resolve_variant
@@ -118,3 +119,7 @@ def tracer_command(
         out.print(f"note: {escape(note)}", highlight=False)
     path = tracer.save(out_path)
     out.print(f"wrote {path}")
+    if html is not None:
+        from trace_lib.report import write_html
+
+        out.print(f"wrote {write_html(tracer.to_dict(), html)}")
