@@ -19,8 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', 'gemma3-270m', a HF folder or a .gguf")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', 'default-safety', 'gemma3-270m', a HF folder or a .gguf")]  # noqa: E501
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for result files")]
+# audit, sweep and redteam default to the safety-tuned organism: the plain base refuses almost nothing, so it has
+# no refusal mechanism to lose (trace_lib.organisms, docs/organism.md). compare, tracer and hooks use the base.
+SafetyModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default-safety' (the default: the base with trace's safety LoRA merged), 'default', 'gemma3-270m', a HF folder or a .gguf")]  # noqa: E501
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here")]
 
 
@@ -76,7 +79,7 @@ def compare(
 @app.command()
 def audit(
     variant: Annotated[list[str], typer.Option("--variant", "-v", help="config name or model path; repeatable (default: int8-dynamic, int4-rtn-g32, gguf-q4_0)")] = None,  # noqa: E501
-    model: ModelOpt = "default",
+    model: SafetyModelOpt = "default-safety",
     dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")] = "harmful_refusal_v1",
     sae: Annotated[Path | None, typer.Option(help="folder of SAEs (SAELens or sparsify format); default: train or use cached")] = None,  # noqa: E501
     hook: Annotated[list[str], typer.Option("--hook", help="hook point for trained SAEs; repeatable (default: resid_post at 1/3, 1/2, 2/3 depth)")] = None,  # noqa: E501
@@ -100,7 +103,7 @@ def audit(
 
 @app.command()
 def sweep(
-    model: ModelOpt = "default",
+    model: SafetyModelOpt = "default-safety",
     ladder: Annotated[str, typer.Option(help="weights | activations | gguf | all")] = "weights",
     config: Annotated[list[str], typer.Option("--config", "-c", help="explicit config names instead of a ladder; repeatable")] = None,  # noqa: E501
     dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")] = "harmful_refusal_v1",
@@ -142,6 +145,7 @@ def hooks(model: ModelOpt = "default") -> None:
         out.print(n)
 
 
+from trace_lib.organisms.cli import organism_app  # noqa: E402
 from trace_lib.redteam.cli import redteam_command  # noqa: E402
 from trace_lib.report.cli import report_command  # noqa: E402
 from trace_lib.tracer.cli import tracer_command  # noqa: E402
@@ -149,6 +153,7 @@ from trace_lib.tracer.cli import tracer_command  # noqa: E402
 app.command("redteam")(redteam_command)
 app.command("report")(report_command)
 app.command("tracer")(tracer_command)
+app.add_typer(organism_app, name="organism")
 
 
 @app.command()

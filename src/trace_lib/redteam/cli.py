@@ -26,7 +26,7 @@ def _ci(r: dict) -> str:
 
 
 def redteam_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="'default', 'gemma3-270m', a HF folder or a .gguf")] = "default",  # noqa: E501
+    model: Annotated[str, typer.Option("--model", "-m", help="'default-safety' (the default: the base with trace's safety LoRA), 'default', 'gemma3-270m', a HF folder or a .gguf")] = "default-safety",  # noqa: E501
     variant: Annotated[list[str], typer.Option("--variant", "-v", help="config name or model path; repeatable (default: int8-dynamic, int4-rtn-g32, gguf-q4_0)")] = None,  # noqa: E501
     dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")] = "harmful_refusal_v1",
     split: Annotated[str, typer.Option(help="dataset split: test, train or all")] = "test",
