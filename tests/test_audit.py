@@ -126,3 +126,29 @@ def test_examples_show_reference_top_tokens(tiny_audit):
         assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
         for r in rows:
             assert r["token"] and 0 <= r["prompt"] < len(result.prompts)
+
+
+def test_readout_cpfr_separates_a_topk_switch_from_a_changed_detector():
+    """Hand-worked: a k=1 TopK SAE over two latents reading x[0] and x[1]. Input (1.00, 0.99) -> (0.99, 1.00):
+    the codes swap, so each latent's code CPFR is 1 - ||(1, 0) - (0, 0)|| / 1 = 0 on its token, while the
+    readouts move by 0.01: readout CPFR = 1 - 0.01 / 1.00 = 0.99 for latent 0 and 1 - 0.01 / 0.99 for latent 1."""
+    from trace_lib.audit import _encode, _readout
+    from trace_lib.metrics import CPFR
+    from trace_lib.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=2, d_sae=2, architecture="topk", k=1, apply_b_dec_to_input=False))
+    sae.W_enc.data.copy_(torch.eye(2))
+    x_ref, x_var = torch.tensor([[1.00, 0.99]]), torch.tensor([[0.99, 1.00]])
+    codes = CPFR().compute(_encode(sae, x_ref), _encode(sae, x_var))
+    assert codes.per_feature[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isnan(codes.per_feature[1])  # latent 1 never fires in the reference: no reference signal
+    readout = CPFR().compute(_readout(sae, x_ref, [0, 1]), _readout(sae, x_var, [0, 1]))
+    assert readout.per_feature.tolist() == pytest.approx([0.99, 1 - 0.01 / 0.99], abs=1e-6)
+
+
+def test_readout_cpfr_is_perfect_for_fp32_and_reported(tiny_audit):
+    _, result = tiny_audit
+    fp32, int2 = result.variant("fp32"), result.variant("int2-rtn-g32")
+    assert fp32.features and all(f.readout_cpfr == 1.0 for f in fp32.features)
+    assert sum(f.readout_cpfr for f in int2.features) / len(int2.features) < 0.99
+    assert "readout CPFR" in result.summary()

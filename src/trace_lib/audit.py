@@ -85,6 +85,9 @@ class FeatureAudit:
     token_muting_rate: float
     muted: bool
     prompt_activation_kept: float  # mean per-prompt activation (post-instruction max) variant / reference
+    # CPFR of the latent's encoder readout max(0, W_enc x + b_enc) before the SAE's TopK / threshold selection:
+    # continuous in the input, so it tells a changed detector from a code switched at the TopK boundary.
+    readout_cpfr: float = float("nan")
 
     @property
     def degradation_pct(self) -> float:
@@ -120,6 +123,11 @@ class VariantAudit:
     def capability_cpfr(self) -> float:
         return self._mean("capability", "cpfr")
 
+    @property
+    def safety_readout_cpfr(self) -> float:
+        """Mean CPFR of the safety features' encoder readouts (before TopK): the codes' boundary noise left out."""
+        return self._mean("safety", "readout_cpfr")
+
     def muting_rate(self, kind: str) -> float:
         fs = [f for f in self.features if f.kind == kind]
         return sum(f.muted for f in fs) / len(fs) if fs else float("nan")
@@ -131,7 +139,8 @@ class VariantAudit:
     def to_dict(self) -> dict:
         return _clean({
             "name": self.name, "model": self.model, "safety_cpfr": self.safety_cpfr,
-            "capability_cpfr": self.capability_cpfr, "safety_muting_rate": self.muting_rate("safety"),
+            "capability_cpfr": self.capability_cpfr, "safety_readout_cpfr": self.safety_readout_cpfr,
+            "safety_muting_rate": self.muting_rate("safety"),
             "capability_muting_rate": self.muting_rate("capability"),
             "degraded_safety_features": [[f.hook, f.feature] for f in self.degraded("safety")],
             "degraded_capability_features": [[f.hook, f.feature] for f in self.degraded("capability")],
@@ -188,7 +197,7 @@ class AuditResult:
             lines.append(f"[{verdict}] {v.name}: safety CPFR {_f(v.safety_cpfr)} vs capability CPFR "
                          f"{_f(v.capability_cpfr)}; {len(deg)}/{sum(f.kind == 'safety' for f in v.features)} "
                          f"safety features degraded (CPFR < {v.degradation_threshold}); muted "
-                         f"{_f(100 * v.muting_rate('safety'), '.0f')}%"
+                         f"{_f(100 * v.muting_rate('safety'), '.0f')}%; readout CPFR {_f(v.safety_readout_cpfr)}"
                          + (f"; mean KLD {v.outputs.kld_mean:.4f}, same top {100 * v.outputs.same_top_rate:.1f}%"
                             if v.outputs else ""))
             if not math.isnan(gap) and abs(gap) >= 0.02:
@@ -207,7 +216,8 @@ class AuditResult:
                              f"{_f(auc_var)}")
             for f in deg[:max_warnings]:
                 lines.append(f"    Warning: Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook}) "
-                             f"degraded by {f.degradation_pct:.0f}% in {v.name}")
+                             f"degraded by {f.degradation_pct:.0f}% in {v.name} (encoder readout kept "
+                             f"{_f(f.readout_cpfr, '.2f')})")
             if len(deg) > max_warnings:
                 lines.append(f"    ... and {len(deg) - max_warnings} more degraded safety features")
         return "\n".join(lines)
@@ -255,6 +265,12 @@ def token_mask(acts: PromptActs, hooks: Sequence[str], where: str = "instruction
 def _encode(sae, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([sae.encode(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+
+
+def _readout(sae, x: torch.Tensor, ids: list[int], chunk: int = 4096) -> torch.Tensor:
+    """Encoder readouts ``max(0, W_enc x + b_enc)`` of latents ``ids``: the SAE's code before TopK / threshold."""
+    with torch.no_grad():
+        return torch.cat([sae.encode_pre(x[i:i + chunk])[:, ids].relu().float() for i in range(0, len(x), chunk)])
 
 
 def top_examples(ref: PromptActs, mask: torch.Tensor, codes_ref: torch.Tensor, codes_var: torch.Tensor, column: int,
@@ -318,6 +334,8 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
             fp_var = _encode(sae, var.acts[h][fp_mask])
             sub_ref, sub_var = fp_ref[:, ids], fp_var[:, ids]
             fp_cpfr = CPFR(threshold).compute(sub_ref, sub_var, feature_ids=ids)
+            readout = CPFR(threshold).compute(_readout(sae, ref.acts[h][fp_mask], ids),
+                                              _readout(sae, var.acts[h][fp_mask], ids), feature_ids=ids)
             drift = FeatureDrift().compute(sub_ref, sub_var, feature_ids=ids)
             mute = ActivationMuting().detect_muting(sub_ref, sub_var, feature_ids=ids)
             muted = set(mute.muted_features)
@@ -336,7 +354,8 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
                     normalized_wasserstein=float(drift.normalized_wasserstein[i]),
                     firing_rate_ref=float(drift.firing_rate_ref[i]), firing_rate_variant=float(drift.firing_rate_quant[i]),
                     token_muting_rate=float(mute.per_feature_token_muting[i]), muted=r.feature in muted,
-                    prompt_activation_kept=var_act / ref_act if ref_act > 0 else float("nan")))
+                    prompt_activation_kept=var_act / ref_act if ref_act > 0 else float("nan"),
+                    readout_cpfr=float(readout.per_feature[i])))
         # For the most degraded fingerprint features here: where the reference fires most, and the variant there.
         worst = sorted((f for f in features if f.hook == h), key=lambda f: f.cpfr)[:n_examples]
         hs["examples"] = {str(f.feature): top_examples(ref, fp_mask, fp_ref, fp_var, f.feature, tokenizer)

@@ -499,6 +499,8 @@ FEATURE_COLS = [
     ("token muting", "fraction of the reference's firing tokens where the variant is silent"),
     ("muted", "the feature counts as muted"),
     ("prompt act. kept", "mean per-prompt activation (post-instruction max), variant / reference"),
+    ("readout CPFR", "CPFR of the latent's encoder readout max(0, W_enc x + b_enc) before TopK: a low CPFR with a "
+                     "high readout CPFR is a code switched at the TopK boundary, not a changed detector"),
 ]
 CPFR_COL = 6
 
@@ -520,7 +522,7 @@ def _features_section(variants) -> Html:
                          td_num(f.relative_mean_change, "+.3f"), td_num(f.normalized_wasserstein),
                          td_num(f.firing_rate_ref, ".3f"), td_num(f.firing_rate_variant, ".3f"),
                          td_num(f.token_muting_rate), "yes" if f.muted else "no",
-                         td_num(f.prompt_activation_kept)])
+                         td_num(f.prompt_activation_kept), td_num(getattr(f, "readout_cpfr", float("nan")))])
             attrs.append({"data_variant": v.name, "data_kind": f.kind, "data_category": f.category,
                           "data_hook": f.hook, "data_degraded": "1" if degraded else "0",
                           "cls": "degraded" if degraded else None})
