@@ -1,6 +1,6 @@
 """Audit wall time: first run (SAEs trained) and cached run, and the audit's time against its forward passes.
 
-Usage: python benchmarks/audit.py [--model default] [--cache DIR]
+Usage: python benchmarks/audit.py [--model default-safety] [--cache DIR]
 Runs the default `trace audit` twice in one process against a fresh cache folder (the converted model is
 copied in, so conversion is not counted), and prints one JSON line: first-run seconds (goal < 600),
 cached-run seconds (goal < 180), and audit time / forward-pass time of the cached run (goal <= 1.5).
@@ -20,7 +20,7 @@ from _common import emit, machine
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default-safety")
     ap.add_argument("--cache", default=None, help="cache folder to use (default: a fresh temporary one)")
     args = ap.parse_args()
     cache = Path(args.cache or tempfile.mkdtemp(prefix="trace-bench-"))

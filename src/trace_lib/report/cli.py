@@ -9,7 +9,7 @@ import typer
 
 
 def report_command(
-    result: Annotated[Path, typer.Argument(help="a result file written by trace audit, sweep, compare or redteam")],
+    result: Annotated[Path, typer.Argument(help="a result file written by trace audit, sweep, compare, redteam or tracer")],
     html: Annotated[Path | None, typer.Option("--html", help="where to write the page (default: RESULT with .html)")]
     = None,
     min_cpfr: Annotated[float, typer.Option(help="sweep: safety CPFR bar for the recommended config")] = 0.9,
