@@ -449,6 +449,13 @@ def test_compare_page(result_files):
     ({"kind": "trace.compare", "version": 1}, r"not a well-formed trace.compare v1 result"),
     ({"kind": "trace.redteam", "version": 1}, r"not a well-formed trace.redteam v1 result.*re-run `trace redteam`"),
     ({"kind": "trace.redteam", "version": 3}, r"version 3.*re-run `trace redteam`"),
+    ({"kind": "trace.tracer", "version": 2, "trace_version": "9.9"},
+     r"trace.tracer result of version 2 \(written by trace 9.9\), but this trace reads version 1; "
+     r"re-run `trace tracer`"),
+    ({"kind": "trace.tracer", "version": 0, "forwards": []}, r"version 0.*re-run `trace tracer`"),
+    ({"kind": "trace.tracer", "version": 1}, r"not a well-formed trace.tracer v1 result \(missing field "
+                                              r"'forwards'\); re-run `trace tracer`"),
+    ({"kind": "trace.tracer", "version": 1, "forwards": 3}, r"not a well-formed trace.tracer v1 result"),
 ])
 def test_wrong_results_are_one_line_errors(tmp_path, content, match):
     path = tmp_path / "r.json"

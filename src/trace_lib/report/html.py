@@ -83,6 +83,16 @@ def join(*pieces: Any) -> Html:
 
 
 # ------------------------------------------------------------------------------------------------ numbers
+def _d(x: Any) -> dict:
+    """A result field as a dict (a missing or malformed one as empty), so a page renders from any file."""
+    return dict(x) if isinstance(x, Mapping) else {}
+
+
+def _l(x: Any) -> list:
+    """A result field as a list (a missing or malformed one as empty)."""
+    return list(x) if isinstance(x, (list, tuple)) else []
+
+
 def _num(x: Any) -> float:
     if isinstance(x, bool) or x is None:
         return math.nan

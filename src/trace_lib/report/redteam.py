@@ -21,24 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trace_lib.report.html import Html, fmt, h, kv_table, note, section, table, td, td_num
-
-
-def _d(x: Any) -> dict:
-    return dict(x) if isinstance(x, Mapping) else {}
-
-
-def _l(x: Any) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else []
-
-
-def _num(x: Any) -> float:
-    if isinstance(x, bool) or x is None:
-        return math.nan
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
+from trace_lib.report.html import Html, _d, _l, _num, fmt, h, kv_table, note, section, table, td, td_num
 
 
 def rate_text(r: Any) -> str:

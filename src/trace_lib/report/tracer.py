@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trace_lib.report import plots
-from trace_lib.report.html import Html, fmt, h, kv_table, note, section, table, td, td_num
+from trace_lib.report.html import Html, _d, _l, _num, fmt, h, kv_table, note, section, table, td, td_num
 
 LEVEL_STYLE = {"critical": "background:#fdedec;color:#c0392b;font-weight:700",
                "warning": "background:#fef5e7;color:#9a6a0b;font-weight:600"}
@@ -57,23 +57,6 @@ QUANT_COLS = [
     ("max |Δ|", "largest absolute difference"),
     ("level", "warning: cosine < warning cosine or SNR < warning SNR; critical: below the critical ones"),
 ]
-
-
-def _d(x: Any) -> dict:
-    return dict(x) if isinstance(x, Mapping) else {}
-
-
-def _l(x: Any) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else []
-
-
-def _num(x: Any) -> float:
-    if isinstance(x, bool) or x is None:
-        return math.nan
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _int(x: Any) -> int | None:
