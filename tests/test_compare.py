@@ -66,12 +66,51 @@ def test_cli_compare_writes_json(tiny_folder, tmp_path, capsys):
     (["compare", "--text", "/no/such/file.txt", "-v", "fp32"], "no text file"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
+    _assert_one_line_error(argv, message, capsys)
+
+
+def _assert_one_line_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
-    assert len(captured.err.strip().splitlines()) <= 2
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_cli_bad_model_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no config here")
+    _assert_one_line_error(["compare", "--model", str(tmp_path / "empty")], "no config.json", capsys)
+    (tmp_path / "text.gguf").write_text("this is not a GGUF file")
+    _assert_one_line_error(["compare", "--model", str(tmp_path / "text.gguf")], "not a GGUF file", capsys)
+    from trace_lib.models.default import default_gguf_path
+
+    head = default_gguf_path().read_bytes()[: 1 << 16]  # a real GGUF header, cut off
+    (tmp_path / "cut.gguf").write_bytes(head)
+    _assert_one_line_error(["compare", "--model", str(tmp_path / "cut.gguf")], "truncated", capsys)
+
+
+@pytest.mark.parametrize("hook, message", [
+    ("blocks.0.hook_bogus", "unknown hook"),
+    ("blocks.99.hook_resid_post", "out of range"),
+])
+def test_cli_bad_hooks_are_one_line(tiny_folder, tmp_path, hook, message, capsys):
+    _assert_one_line_error(["audit", "--model", str(tiny_folder), "-v", "fp16", "--hook", hook,
+                            "--out", str(tmp_path)], message, capsys)
+
+
+def test_cli_group_size_and_unrunnable_type_are_one_line(tiny_folder, monkeypatch, capsys):
+    base = ["compare", "--model", str(tiny_folder), "--ctx", "32", "--chunks", "1"]
+    _assert_one_line_error([*base, "-v", "int4-rtn-g48"], "group size 48 does not divide", capsys)
+
+    import torchao.quantization
+
+    def no_kernel(*a, **k):
+        raise NotImplementedError("no CPU kernel for this layout\n(torch internals)")
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", no_kernel)  # what a machine without the kernel says
+    _assert_one_line_error([*base, "-v", "int8-dyn-tok"], "could not apply int8-dyn-tok on this machine", capsys)
 
 
 @pytest.mark.slow

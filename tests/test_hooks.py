@@ -151,3 +151,73 @@ def test_bf16_model_gives_float32_activations():
     with hm.capture():
         loaded.model(torch.tensor([[1, 2, 3]]))
     assert hm.get_activations("resid_post", layer=0).dtype == torch.float32
+
+
+def test_resid_pre_of_block_0_is_the_embedding_output():
+    for arch in ARCHS:
+        loaded = tiny_loaded(arch)
+        ids, mask = _inputs()
+        seen = {}
+        emb = loaded.model.get_input_embeddings()
+        handle = emb.register_forward_hook(lambda m, a, o: seen.setdefault("emb", o.detach().clone()))
+        hm = HookManager(loaded, HookConfig(layers=[0], hook_points=["resid_pre"]))
+        try:
+            with torch.no_grad(), hm.capture():
+                loaded.model(ids, attention_mask=mask)
+        finally:
+            handle.remove()
+        got = hm.get_activations("resid_pre", layer=0)
+        # (Gemma's sqrt(d_model) scaling lives inside its embedding module, so its output is block 0's input)
+        if arch == "gpt2":  # GPT-2 adds learned positions to the token embeddings
+            pos = loaded.model.transformer.wpe(torch.arange(ids.shape[1]))
+            expected = seen["emb"] + pos
+        else:
+            expected = seen["emb"]
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0, msg=arch)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8-dynamic", "int4-rtn-g32-kernel"])
+def test_quantized_variants_give_float32_activations_equal_to_their_hidden_states(name):
+    from trace_lib.quant import quantize
+
+    var = quantize(tiny_loaded("llama"), name)
+    ids, mask = _inputs()
+    hm = HookManager(var, HookConfig(layers=[0, 1], hook_points=["resid_post"]))
+    with torch.no_grad(), hm.capture():
+        out = var.model(ids, attention_mask=mask, output_hidden_states=True)
+    for i in (0, 1):
+        got = hm.get_activations("resid_post", layer=i)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, out.hidden_states[i + 1].float(), atol=0, rtol=0)
+
+
+def test_quantized_tensors_are_dequantized_on_the_fly():
+    from trace_lib.capture.hooks import to_float32_cpu
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    q = torch.quantize_per_tensor(x, scale=0.05, zero_point=3, dtype=torch.quint8)
+    got = to_float32_cpu(q)
+    assert got.dtype == torch.float32 and not got.is_quantized
+    torch.testing.assert_close(got, (q.int_repr().float() - 3) * 0.05, atol=1e-7, rtol=0)
+    # a torchao tensor subclass (what a weight-only kernel variant carries) is de-quantized the same way
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
+    w = lin[0].weight
+    torch.testing.assert_close(to_float32_cpu(w), w.qdata.float() * w.scale.float(), atol=1e-7, rtol=0)
+
+
+def test_trace_is_offline_and_runs_as_a_module():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = "import os, trace_lib; print(os.environ['HF_HUB_OFFLINE'], trace_lib.__version__)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    import trace_lib
+
+    assert run.stdout.split() == ["1", trace_lib.__version__]
+    mod = subprocess.run([sys.executable, "-m", "trace_lib", "version"], env=env, capture_output=True, text=True)
+    assert mod.returncode == 0 and mod.stdout.strip() == trace_lib.__version__

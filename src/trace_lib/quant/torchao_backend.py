@@ -50,6 +50,7 @@ def apply_torchao(model: nn.Module, config: QuantizationConfig, linears: list[tu
     if config.type is QuantizationType.INT_RTN:
         check_group_size(linears, config.group_size, config.name)
     chosen = {id(m) for _, m in linears}
+    dtypes = {id(m): m.weight.dtype for _, m in linears}  # de-quantize back to the model's own dtype
     try:
         quantize_(model, _torchao_config(config), filter_fn=lambda m, fqn: id(m) in chosen)
     except (RuntimeError, NotImplementedError, AssertionError) as e:
@@ -59,7 +60,7 @@ def apply_torchao(model: nn.Module, config: QuantizationConfig, linears: list[tu
         for _, m in linears:
             w = m.weight
             if type(w.data) is not torch.Tensor or type(w) not in (torch.Tensor, nn.Parameter):
-                m.weight = nn.Parameter(w.dequantize().to(torch.float32), requires_grad=False)
+                m.weight = nn.Parameter(w.dequantize().to(dtypes[id(m)]), requires_grad=False)
         info["path"] = "de-quantized torchao weights (same numerics as the kernel, reference speed)"
     return info
 
