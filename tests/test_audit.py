@@ -152,3 +152,42 @@ def test_readout_cpfr_is_perfect_for_fp32_and_reported(tiny_audit):
     assert fp32.features and all(f.readout_cpfr == 1.0 for f in fp32.features)
     assert sum(f.readout_cpfr for f in int2.features) / len(int2.features) < 0.99
     assert "readout CPFR" in result.summary()
+
+
+def test_quick_start_with_saes_from_a_folder(tiny_audit, tiny_folder, tmp_path):
+    """The README's quick start, with SAEs loaded from a SAELens folder instead of trained."""
+    from trace_lib.sae import save_sae
+
+    trained, reference_result = tiny_audit
+    sae = trained.sae_dict["blocks.1.hook_resid_post"]
+    save_sae(sae, tmp_path / "saes" / "blocks.1.hook_resid_post")
+    audit = trace.Audit(base_model=str(tiny_folder), quant_model="int2-rtn-g32", kl_chunks=2, kl_ctx=64)
+    loaded = audit.load_sae(tmp_path / "saes")
+    assert list(loaded) == ["blocks.1.hook_resid_post"]
+    torch.testing.assert_close(loaded["blocks.1.hook_resid_post"].W_dec, sae.W_dec)
+    results = audit.trace_features(dataset="harmful_refusal_v1")
+    assert [v.name for v in results.variants] == ["int2-rtn-g32"]
+    # the same SAE and model give the same measurement as the audit that trained it
+    a = results.variant("int2-rtn-g32").hooks["blocks.1.hook_resid_post"]["cpfr_all_features"]
+    b = reference_result.variant("int2-rtn-g32").hooks["blocks.1.hook_resid_post"]["cpfr_all_features"]
+    assert a == pytest.approx(b, abs=1e-6)
+    assert "int2-rtn-g32" in results.summary()
+
+
+def test_cli_audit_writes_json_and_html(tiny_audit, tiny_folder, tmp_path, capsys):
+    from trace_lib.cli import main
+    from trace_lib.sae import save_sae
+
+    trained, _ = tiny_audit
+    save_sae(trained.sae_dict["blocks.1.hook_resid_post"], tmp_path / "sae")
+    main(["audit", "--model", str(tiny_folder), "-v", "fp32", "-v", "int2-rtn-g32", "--sae", str(tmp_path / "sae"),
+          "--out", str(tmp_path / "out"), "--html", str(tmp_path / "audit.html")])
+    data = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert data["kind"] == "trace.audit" and [v["name"] for v in data["variants"]] == ["fp32", "int2-rtn-g32"]
+    assert data["dataset"]["name"] == "harmful_refusal_v1"
+    again = AuditResult.load(tmp_path / "out" / "audit.json")
+    assert again.variant("fp32").hooks["blocks.1.hook_resid_post"]["cpfr_all_features"] == 1.0
+    printed = capsys.readouterr().out
+    assert "int2-rtn-g32" in printed and "wrote" in printed
+    page = (tmp_path / "audit.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "int2-rtn-g32" in page

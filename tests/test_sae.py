@@ -783,3 +783,43 @@ def test_evaluate_sae_streams_and_counts_dead_latents():
         evaluate_sae(sae, iter([]))
     with pytest.raises(SAEError, match="width 7 but d_in is 8"):
         evaluate_sae(sae, torch.randn(3, 7))
+
+
+def test_ce_loss_splice_identity_and_zero(tiny_folder):
+    """Splicing the identity in gives the clean loss exactly; splicing zeros gives the zero-ablation loss."""
+    from trace_lib.capture.inputs import chunk_batches, pack_texts
+    from trace_lib.models import load_model
+    from trace_lib.sae.splice import ce_loss_with_sae
+
+    loaded = load_model(tiny_folder)
+    ids = pack_texts(loaded.tokenizer, ["The quick brown fox jumps over the lazy dog. " * 20], 32, max_sequences=4)
+    batches = list(chunk_batches(ids, 2))
+    same = ce_loss_with_sae(loaded, lambda x: x, "blocks.1.hook_resid_post", batches)
+    assert same["ce_loss_sae"] == same["ce_loss_clean"] and same["ce_loss_recovered"] == 1.0
+    zero = ce_loss_with_sae(loaded, torch.zeros_like, "blocks.1.hook_resid_post", batches)
+    assert zero["ce_loss_sae"] == zero["ce_loss_zero"] and zero["ce_loss_recovered"] == 0.0
+    # the clean loss is the model's own next-token loss from position 1 on (position 0 follows nothing useful)
+    with torch.no_grad():
+        expected = []
+        for b in batches:
+            logits = loaded.model(**b).logits[:, 1:-1]
+            expected.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["input_ids"][:, 2:],
+                                                               reduction="none").flatten())
+    assert same["ce_loss_clean"] == pytest.approx(torch.cat(expected).mean().item(), rel=1e-6)
+
+
+def test_sae_cache_key_is_model_hook_and_config(tiny_folder):
+    import dataclasses
+
+    from trace_lib.models import load_model
+    from trace_lib.quant import quantize
+    from trace_lib.sae.store import SAEDataPlan, default_training_config, sae_folder
+
+    loaded = load_model(tiny_folder)
+    cfg, plan = default_training_config(), SAEDataPlan()
+    base = sae_folder(loaded, cfg, plan)
+    assert sae_folder(load_model(tiny_folder), default_training_config(), SAEDataPlan()) == base
+    assert sae_folder(loaded, dataclasses.replace(cfg, k=cfg.k + 1), plan) != base
+    assert sae_folder(loaded, cfg, dataclasses.replace(plan, seed=plan.seed + 1)) != base
+    assert sae_folder(quantize(loaded, "int8-rtn-g32"), cfg, plan) != base
+    assert loaded.content_hash in str(base)  # one folder per model hash; one subfolder per hook inside it

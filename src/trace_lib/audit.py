@@ -401,7 +401,7 @@ def _dataset_groups(dataset, split: str):
 class Audit:
     """Audit a reference model against one or more variants (see module docstring)."""
 
-    def __init__(self, base_model: str | Loaded = "default", quant_model: Any = None, *,
+    def __init__(self, base_model: str | Loaded = "default-safety", quant_model: Any = None, *,
                  variants: Sequence[Any] | None = None, hooks: Sequence[str] | None = None,
                  degradation_threshold: float = 0.8, kl_ctx: int = 256, kl_chunks: int = 8, batch_size: int = 16,
                  seed: int = 0) -> None:
@@ -426,7 +426,11 @@ class Audit:
         p = Path(path).expanduser()
         if not p.exists():
             raise SAEError(f"no SAE folder at {p}")
-        saes = {load_sae(p).cfg.hook_name: load_sae(p)} if (p / "cfg.json").is_file() else load_sae_dir(p)
+        if (p / "cfg.json").is_file():
+            one = load_sae(p)
+            saes = {one.cfg.hook_name: one}
+        else:
+            saes = load_sae_dir(p)
         out = {}
         for hook, sae in saes.items():
             name = self.reference.arch.resolve(hook)

@@ -118,10 +118,11 @@ def sweep(
     auditor = OptimizationAuditor(model)
     if sae is not None:
         auditor.audit.load_sae(sae)
-    result = auditor.run_sweep(configs=config or None, ladder=None if config else ladder, dataset=dataset)
-    out.print(result.summary(min_cpfr=min_cpfr), highlight=False)
+    result = auditor.run_sweep(configs=config or None, ladder=None if config else ladder, dataset=dataset,
+                               min_cpfr=min_cpfr)
+    out.print(result.summary(), highlight=False)
     out.print(f"wrote {result.save(out_dir / 'sweep.json')}")
-    _write_html(result, html, min_cpfr=min_cpfr)
+    _write_html(result, html)
 
 
 @app.command()

@@ -12,7 +12,7 @@ def report_command(
     result: Annotated[Path, typer.Argument(help="a result file written by trace audit, sweep, compare, redteam or tracer")],
     html: Annotated[Path | None, typer.Option("--html", help="where to write the page (default: RESULT with .html)")]
     = None,
-    min_cpfr: Annotated[float, typer.Option(help="sweep: safety CPFR bar for the recommended config")] = 0.9,
+    min_cpfr: Annotated[float | None, typer.Option(help="sweep: safety CPFR bar for the recommended config (default: the sweep's own)")] = None,  # noqa: E501
 ) -> None:
     """One self-contained HTML page (no network) for a result: the verdict first, then the evidence."""
     from trace_lib.report import load_result, write_html

@@ -865,10 +865,10 @@ def _compare_body(result) -> tuple[list, list]:
 
 
 # ------------------------------------------------------------------------------------------------ entry points
-def render_html(result: Any, *, min_cpfr: float = 0.9) -> str:
+def render_html(result: Any, *, min_cpfr: float | None = None) -> str:
     """The report page of a result object (AuditResult, SweepResult, CompareResult, a red-team result, a
     ModelTracer or its ``to_dict()``), a result dict, or a result file's path. ``min_cpfr``: a sweep's
-    recommendation bar."""
+    recommendation bar (default: the one the sweep recorded)."""
     if isinstance(result, (str, Path)) or (isinstance(result, Mapping) and not hasattr(result, "kind")):
         result = load_result(result)
     kind = result_kind(result)
@@ -879,7 +879,7 @@ def render_html(result: Any, *, min_cpfr: float = 0.9) -> str:
         sub = (f"{len(result.variants)} variants on {result.dataset.get('name', '?')} "
                f"({result.dataset.get('split', 'test')} split); SAEs at {', '.join(result.settings.get('hooks', []))}")
     elif kind == "trace.sweep":
-        body, toc = _sweep_body(result, min_cpfr)
+        body, toc = _sweep_body(result, result.min_cpfr if min_cpfr is None else min_cpfr)
         title = f"trace sweep: {result.reference.get('name', '?')}"
         sub = (f"{len(result.rows)} configs ({sum(r.status == 'ok' for r in result.rows)} ran) on "
                f"{result.base.dataset.get('name', '?')}; ladders: {', '.join(result.ladders)}")

@@ -36,7 +36,7 @@ def _tok(s: str | None) -> str:
 
 def tracer_command(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to trace")],
-    model: Annotated[str, typer.Option("--model", "-m", help="'default', 'gemma3-270m', a HF folder or a .gguf")] = "default",  # noqa: E501
+    model: Annotated[str, typer.Option("--model", "-m", help="'default', 'default-safety', 'gemma3-270m', a HF folder or a .gguf")] = "default",  # noqa: E501
     variant: Annotated[str | None, typer.Option("--variant", "-v", help="quantization config (e.g. gguf-q4_0, int4-rtn-g32) or model path; traced against the model")] = None,  # noqa: E501
     preset: Annotated[str, typer.Option(help="'full' (everything) or 'lightweight' (activations + KV cache)")] = "full",
     generate: Annotated[int, typer.Option(help="also generate this many tokens greedily, tracing the KV cache per step")] = 0,  # noqa: E501
