@@ -221,3 +221,24 @@ def test_trace_is_offline_and_runs_as_a_module():
     assert run.stdout.split() == ["1", trace_lib.__version__]
     mod = subprocess.run([sys.executable, "-m", "trace_lib", "version"], env=env, capture_output=True, text=True)
     assert mod.returncode == 0 and mod.stdout.strip() == trace_lib.__version__
+
+
+def test_over_long_prompt_keeps_the_template_tokens(tiny_folder):
+    """A prompt past max_length loses the end of its user message, not the post-instruction template tokens
+    the fingerprint reads; the cut is announced."""
+    from trace_lib.capture.inputs import format_prompts, prompt_batches
+    from trace_lib.capture.prompts import post_instruction_length
+    from trace_lib.models import load_model
+
+    tok = load_model(tiny_folder).tokenizer
+    long = "Tell me everything about the history of bridges. " * 30
+    with pytest.warns(UserWarning, match=r"prompt 1: prompt of \d+ tokens cut to \d+ .* to fit 48 tokens"):
+        (batch,) = prompt_batches(tok, ["Hi", long], batch_size=2, max_length=48)
+    assert int(batch["attention_mask"][1].sum()) <= 48
+    row = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
+    short = tok(format_prompts(tok, ["Hi"])[0], add_special_tokens=False)["input_ids"]
+    n_post = post_instruction_length(tok)
+    assert n_post >= 3
+    assert row[-n_post:] == short[-n_post:]  # the cut prompt ends with the template's post-instruction tokens
+    assert row[:5] == short[:5]  # and starts with the template's system turn
+    assert tok.decode(row).count("history of bridges") >= 1

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from trace_lib.errors import DatasetError
+from trace_lib.errors import DatasetError, TraceError
 
 
 def pack_texts(tokenizer, texts: Sequence[str], seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
@@ -56,20 +56,50 @@ def format_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list
     return list(prompts)
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, chat: bool = True,
+                   why: str = "") -> tuple[list[list[int]], dict[int, str]]:
+    """Token ids of each (chat-formatted) prompt; a prompt longer than ``max_prompt_tokens`` has the end of its
+    user message cut, so the template's tokens around it (the post-instruction tokens that fingerprints and
+    generation read) are kept. Each cut warns; returns the ids and ``{prompt index: reason}`` for the cut ones.
+    """
+    chat = bool(chat and getattr(tokenizer, "chat_template", None))
+
+    def encode(ps: Sequence[str]) -> list[list[int]]:
+        return [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in format_prompts(tokenizer, ps, chat)]
+
+    ids = encode(prompts)
+    truncated: dict[int, str] = {}
+    for i, e in enumerate(ids):
+        if len(e) <= max_prompt_tokens:
+            continue
+        msg = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+        overhead = len(e) - len(msg)
+        keep = max_prompt_tokens - overhead
+        if keep < 1:
+            raise TraceError(f"the chat template alone takes {overhead} tokens, more than the {max_prompt_tokens} "
+                             "left for a prompt; allow longer prompts (or fewer new tokens)")
+        e2 = encode([tokenizer.decode(msg[:keep], skip_special_tokens=True)])[0]
+        while len(e2) > max_prompt_tokens and keep > 1:  # re-tokenizing at the cut can add a token or two
+            keep -= max(1, len(e2) - max_prompt_tokens)
+            e2 = encode([tokenizer.decode(msg[:keep], skip_special_tokens=True)])[0]
+        reason = (f"prompt of {len(e)} tokens cut to {len(e2)} (its user message to {keep} of {len(msg)} tokens)"
+                  + (f" {why}" if why else ""))
+        warnings.warn(f"prompt {i}: {reason}", stacklevel=3)
+        truncated[i] = reason
+        ids[i] = e2
+    return ids, truncated
+
+
 def prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int = 8, chat: bool = True,
                    max_length: int = 256) -> Iterator[dict[str, torch.Tensor]]:
-    """Right-padded batches of (chat-formatted) prompts; longer prompts are truncated to ``max_length``."""
+    """Right-padded batches of (chat-formatted) prompts; a prompt longer than ``max_length`` tokens has its
+    user message cut (with a warning) so the template's post-instruction tokens stay (:func:`encode_prompts`)."""
     if not prompts:
         raise DatasetError("no prompts to run: the dataset or category is empty")
-    texts = format_prompts(tokenizer, prompts, chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for i in range(0, len(texts), batch_size):
-        enc = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts[i: i + batch_size]]
-        for j, e in enumerate(enc):
-            if len(e) > max_length:
-                warnings.warn(f"prompt {i + j} has {len(e)} tokens; only the first {max_length} are used "
-                              "(its end, and the template's post-instruction tokens, are cut)", stacklevel=2)
-        enc = [e[:max_length] for e in enc]
+    all_ids, _ = encode_prompts(tokenizer, prompts, max_length, chat, why=f"to fit {max_length} tokens")
+    for i in range(0, len(all_ids), batch_size):
+        enc = all_ids[i: i + batch_size]
         width = max(len(e) for e in enc)
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         mask = torch.zeros((len(enc), width), dtype=torch.long)

@@ -171,7 +171,7 @@ def end_token_id(tokenizer) -> int:
 def tokenize_example(tokenizer, example: Example, max_len: int = 256) -> tuple[list[int], list[int]]:
     """Input ids and labels of one example: the chat-formatted prompt (labels -100) + the reply tokens (+ end).
 
-    The prompt is tokenized exactly as generation tokenizes it (:func:`trace_lib.redteam.generate.encode_prompts`
+    The prompt is tokenized exactly as generation tokenizes it (:func:`trace_lib.capture.inputs.encode_prompts`
     without cutting), the reply on its own, as the model produces it after the generation prompt. Sequences
     longer than ``max_len`` are cut at the end (the cut reply then has no end token).
     """

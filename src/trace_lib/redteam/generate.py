@@ -18,13 +18,13 @@ finished batches and a re-run is instant.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
+from trace_lib.capture.inputs import encode_prompts
 from trace_lib.errors import DatasetError, TraceError
 from trace_lib.progress import track
 
@@ -77,45 +77,8 @@ def model_context(model) -> int | None:
     return None
 
 
-def _format(tokenizer, prompts: Sequence[str], chat: bool) -> list[str]:
-    from trace_lib.capture.inputs import format_prompts
-
-    return format_prompts(tokenizer, prompts, chat)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, chat: bool = True
-                   ) -> tuple[list[list[int]], dict[int, str]]:
-    """Token ids of each formatted prompt, cutting user messages so each fits ``max_prompt_tokens``.
-
-    Returns the ids and ``{prompt index: reason}`` for the prompts that were cut.
-    """
-    texts = _format(tokenizer, prompts, chat)
-    ids = [tokenizer(t, add_special_tokens=not (chat and getattr(tokenizer, "chat_template", None)))["input_ids"]
-           for t in texts]
-    truncated: dict[int, str] = {}
-    for i, e in enumerate(ids):
-        if len(e) <= max_prompt_tokens:
-            continue
-        msg = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-        overhead = len(e) - len(msg)
-        keep = max_prompt_tokens - overhead
-        if keep < 1:
-            raise TraceError(f"the chat template alone takes {overhead} tokens, more than the {max_prompt_tokens} "
-                             "the context leaves for a prompt; lower max_new_tokens")
-        cut = tokenizer.decode(msg[:keep], skip_special_tokens=True)
-        new = _format(tokenizer, [cut], chat)[0]
-        e2 = tokenizer(new, add_special_tokens=not (chat and getattr(tokenizer, "chat_template", None)))["input_ids"]
-        while len(e2) > max_prompt_tokens and keep > 1:  # re-tokenizing at the cut can add a token or two
-            keep -= max(1, len(e2) - max_prompt_tokens)
-            cut = tokenizer.decode(msg[:keep], skip_special_tokens=True)
-            e2 = tokenizer(_format(tokenizer, [cut], chat)[0],
-                           add_special_tokens=not (chat and getattr(tokenizer, "chat_template", None)))["input_ids"]
-        reason = (f"prompt of {len(e)} tokens cut to {len(e2)} (its user message to {keep} of {len(msg)} tokens) "
-                  f"to leave room for {{new}} new tokens in the model's context")
-        warnings.warn(f"prompt {i}: {reason}", stacklevel=3)
-        truncated[i] = reason
-        ids[i] = e2
-    return ids, truncated
 
 
 def generation_key(loaded, ids: Sequence[Sequence[int]], settings: dict) -> str:
@@ -150,8 +113,8 @@ def generate(loaded, prompts: Sequence[str], max_new_tokens: int = 64, batch_siz
     if limit < 1:
         raise TraceError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
                          f"{ctx} tokens")
-    ids, truncated = encode_prompts(tok, list(prompts), limit, chat)
-    truncated = {i: r.replace("{new}", str(max_new_tokens)) for i, r in truncated.items()}
+    ids, truncated = encode_prompts(tok, list(prompts), limit, chat,
+                                    why=f"to leave room for {max_new_tokens} new tokens in the model's context")
     eos = end_of_turn_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
     settings = {"max_new_tokens": int(max_new_tokens), "batch_size": int(batch_size), "greedy": True,
