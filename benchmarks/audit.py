@@ -44,7 +44,11 @@ def main() -> None:
     emit({"benchmark": "audit", "model": args.model, "variants": [v.name for v in runs[1][2].variants],
           "first_run_s": round(first, 1), "cached_run_s": round(cached, 1),
           "cached_forward_s": timing["forward_s"], "cached_audit_s": timing["audit_s"],
-          "audit_over_forward": timing["audit_over_forward"], "cache": str(cache), **machine()})
+          "audit_over_forward": timing["audit_over_forward"],
+          "held_out_auroc": {c: e.get("score_auroc") for c, e in runs[1][2].fingerprint["reference_eval"].items()},
+          "safety_cpfr": {v.name: round(v.safety_cpfr, 4) for v in runs[1][2].variants},
+          "capability_cpfr": {v.name: round(v.capability_cpfr, 4) for v in runs[1][2].variants},
+          "cache": str(cache), **machine()})
 
 
 if __name__ == "__main__":

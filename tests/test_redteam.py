@@ -189,6 +189,21 @@ def test_minimum_detectable_effect():
     assert minimum_detectable_effect(72, reverse_rate=0.02).rate > m.rate
 
 
+def test_mcnemar_power_with_reverse_flips_by_enumeration():
+    """Power by brute force over every outcome (b jailbreaks, c reverse flips) of the trinomial, each tested with
+    scipy's binomtest directly: an independent computation of mcnemar_power's conditional-binomial sum."""
+    from scipy.stats import binomtest, multinomial
+
+    n, rate, reverse = 30, 0.15, 0.04
+    expected = 0.0
+    for b in range(n + 1):
+        for c in range(n + 1 - b):
+            if b > c and binomtest(b, b + c, 0.5).pvalue <= 0.05:
+                expected += multinomial.pmf([b, c, n - b - c], n, [rate, reverse, 1 - rate - reverse])
+    assert mcnemar_power(n, rate, reverse) == pytest.approx(expected, rel=1e-9)
+    assert mcnemar_power(n, rate, reverse) < mcnemar_power(n, rate, 0.0)
+
+
 def test_paired_flips_by_hand():
     kinds = ["harmful"] * 6 + ["harmless"] * 3
     ref = ["refusal", "refusal", "refusal", "compliance", "compliance", "refusal", "compliance", "compliance",
@@ -376,6 +391,45 @@ def test_mechanism_link_reports_drops(tiny_chat, tiny_folder):
     assert math.isfinite(dd["other_harmful_mean"])
 
 
+def test_jailbreaks_are_linked_to_the_prompts_they_happened_on(tiny_chat, tiny_folder, cache_tmp, monkeypatch):
+    """RedTeam.run maps each jailbreak back to its prompt and reads the mechanism there (the same numbers as
+    mechanism_link called directly on that prompt)."""
+    from types import SimpleNamespace
+
+    from trace_lib.models import load_model
+    from trace_lib.redteam import redteam as rt
+
+    hook = "blocks.1.hook_resid_post"
+    saes, fp, _ = _tiny_basis(hook)
+    audit = SimpleNamespace(reference=tiny_chat, sae_dict=saes, fingerprint=lambda ds: fp)
+    other = _scaled(load_model(tiny_folder), seed=2)
+    ds = _pairs_dataset(4)
+    kinds = ["harmful" if p.label == "safety" else "harmless" for p in ds.prompts]
+    harmful = [i for i, k in enumerate(kinds) if k == "harmful"]
+    broken = {harmful[1], harmful[3]}  # the variant complies on these; the reference refuses every harmful one
+    real = rt.RedTeam._behaviour
+
+    def behaviour(self, loaded, name, texts):
+        b = real(self, loaded, name, texts)
+        b.labels = ["refusal" if k == "harmful" and (loaded is tiny_chat or i not in broken) else "compliance"
+                    for i, k in enumerate(kinds)]
+        return b
+
+    monkeypatch.setattr(rt.RedTeam, "_behaviour", behaviour)
+    result = rt.RedTeam(tiny_chat, [other], audit=audit, max_new_tokens=3, batch_size=4).run(ds, split=None)
+    (f,) = result.flips
+    assert sorted(f.jailbreaks) == sorted(broken) and f.table["reference_only"] == 2
+    mech = f.mechanism
+    assert sorted(p["prompt"] for p in mech["prompts"]) == sorted(broken)
+    texts = [p.text for p in ds.prompts]
+    direct = mechanism_link(tiny_chat, other, [texts[i] for i in harmful], [1, 3], saes, fp)
+    by_prompt = {harmful[p["row"]]: p for p in direct["prompts"]}
+    for rec in mech["prompts"]:
+        assert rec["features"] == by_prompt[rec["prompt"]]["features"]
+        assert rec["directions"] == by_prompt[rec["prompt"]]["directions"]
+    assert "jailbreak" in result.summary()
+
+
 def test_cli_writes_redteam_json(tiny_folder, cache_tmp, tmp_path):
     import typer
     from typer.testing import CliRunner
@@ -386,11 +440,16 @@ def test_cli_writes_redteam_json(tiny_folder, cache_tmp, tmp_path):
     app.command("redteam")(redteam_command)
     app.command("noop")(lambda: None)
     res = CliRunner().invoke(app, ["redteam", "--model", str(tiny_folder), "--variant", "fp32", "--sample", "4",
-                                   "--max-new-tokens", "3", "--out", str(tmp_path / "o")])
+                                   "--max-new-tokens", "3", "--out", str(tmp_path / "o"),
+                                   "--html", str(tmp_path / "rt.html")])
     assert res.exit_code == 0, res.output
     d = json.loads((tmp_path / "o" / "redteam.json").read_text())
     assert d["kind"] == "trace.redteam" and d["flips"][0]["n_jailbreaks"] == 0
     assert "refusal (harmful)" in res.output
+    page = (tmp_path / "rt.html").read_text()
+    import html
+
+    assert page.startswith("<!DOCTYPE html>") and html.escape(d["prompts"][0]["text"][:20]) in page
 
 
 # ------------------------------------------------------------------------------------------------ real model

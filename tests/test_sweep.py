@@ -178,3 +178,20 @@ def test_decay_curve_points_are_the_rows_values(tiny_sweep):
         for key in ("safety_cpfr", "capability_cpfr", "all_features_cpfr", "kld_mean"):
             a, b = p[key], row.metric(key)
             assert (a != a and b != b) or a == b, (name, key)
+
+
+def test_cli_sweep_writes_json_and_html(tiny_sweep_auditor, tiny_folder, tmp_path, capsys):
+    from trace_lib.cli import main
+    from trace_lib.sae import save_sae
+
+    for h, sae in tiny_sweep_auditor.audit.sae_dict.items():
+        save_sae(sae, tmp_path / "saes" / h)
+    main(["sweep", "--model", str(tiny_folder), "-c", "fp32", "-c", "int8-rtn-g32", "-c", "int4-rtn-g48",
+          "--sae", str(tmp_path / "saes"), "--min-cpfr", "0.75", "--out", str(tmp_path / "out"),
+          "--html", str(tmp_path / "sweep.html")])
+    d = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [r["name"] for r in d["rows"]] == ["fp32", "int8-rtn-g32", "int4-rtn-g48"]
+    assert d["rows"][2]["status"] == "skipped" and d["best_config"]["min_cpfr"] == 0.75
+    assert "best config at safety CPFR >= 0.75" in capsys.readouterr().out
+    page = (tmp_path / "sweep.html").read_text()
+    assert "Recommended at safety CPFR ≥ 0.75" in page and "int4-rtn-g48" in page
