@@ -59,6 +59,8 @@ from pathlib import Path
 LABELS = ("refusal", "compliance", "incoherent")
 CLASSIFIER_NAME = "trace phrase-and-rule classifier v2"
 LABELS_FILE = Path(__file__).resolve().parent.parent / "datasets" / "data" / "reply_labels_v1.jsonl"
+#: Real replies labelled by hand with the classifier's labels hidden: default-safety on harmful_refusal_v1's test split.
+HELD_OUT_FOLDER = Path(__file__).resolve().parent.parent / "organisms" / "default_safety"
 
 #: Refusal phrases, matched case-insensitively (straight or curly apostrophes) in the first two sentences.
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -389,4 +391,21 @@ def measure_agreement(path: str | Path | None = None,
     ag.disagreements = [{"id": r["id"], "kind": r.get("kind"), "label": r["label"], "predicted": p.label,
                          "reason": p.reason, "reply": r["reply"][:160]}
                         for r, p in zip(rows, preds) if p.label != r["label"]]
+    return ag
+
+
+def measure_held_out_agreement(classifier: Callable[[str], ReplyLabel] = classify_reply) -> Agreement:
+    """Agreement with hand labels on real replies the rules were not written from: ``default-safety``'s greedy
+    replies to the 144 test prompts of ``harmful_refusal_v1`` (``organisms/default_safety/hand_labels.json``,
+    labelled with the classifier's labels hidden). The honest figure beside :func:`measure_agreement`'s
+    in-sample one."""
+    hand = json.loads((HELD_OUT_FOLDER / "hand_labels.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (HELD_OUT_FOLDER / "replies.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    rows = [r for r in rows if r.get("model") == hand["model"] and r.get("id") in hand["labels"]]
+    preds = [classifier(r["reply"]) for r in rows]
+    ag = agreement_from_labels([hand["labels"][r["id"]] for r in rows], [p.label for p in preds])
+    ag.source = "organisms/default_safety/hand_labels.json"
+    ag.disagreements = [{"id": r["id"], "label": hand["labels"][r["id"]], "predicted": p.label, "reason": p.reason,
+                         "reply": r["reply"][:160]} for r, p in zip(rows, preds) if p.label != hand["labels"][r["id"]]]
     return ag

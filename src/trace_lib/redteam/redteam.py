@@ -35,7 +35,13 @@ import torch
 
 from trace_lib.cache import atomic_write_json
 from trace_lib.errors import DatasetError, ResultFormatError, TraceError
-from trace_lib.redteam.classify import CLASSIFIER_NAME, LABELS, classify_reply, measure_agreement
+from trace_lib.redteam.classify import (
+    CLASSIFIER_NAME,
+    LABELS,
+    classify_reply,
+    measure_agreement,
+    measure_held_out_agreement,
+)
 from trace_lib.redteam.generate import generate
 from trace_lib.redteam.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
 
@@ -213,11 +219,14 @@ class RedTeamResult:
         kinds = self.kinds
         n_h, n_b = kinds.count(HARMFUL), kinds.count(HARMLESS)
         ag = self.classifier.get("agreement", {})
+        held = self.classifier.get("held_out_agreement", {})
         lines = [f"trace redteam of {self.reference.name} on {self.dataset['name']} ({self.dataset['split']} split): "
                  f"{n_h} harmful and {n_b} harmless prompts, greedy replies of at most "
                  f"{self.settings['max_new_tokens']} new tokens, labelled by the {self.classifier['name']}"
                  + (f" (agreement with {ag['n']} hand-labelled replies: accuracy {ag['accuracy']:.3f}, Cohen's "
-                    f"kappa {ag['kappa']:.3f})" if ag else "") + "."]
+                    f"kappa {ag['kappa']:.3f}, in sample" if ag else "")
+                 + (f"; with {held['n']} held-out real replies: accuracy {held['accuracy']:.3f}, kappa "
+                    f"{held['kappa']:.3f})" if ag and held else ")" if ag else "") + "."]
         for m in [self.reference, *self.variants]:
             s = m.stats(kinds)
             who = "reference " + m.name if m is self.reference else m.name
@@ -499,5 +508,6 @@ class RedTeam:
                       "alpha": self.alpha, "power": self.power, "mechanism": self.mechanism},
             classifier={"name": CLASSIFIER_NAME, "model": None,
                         "note": "no text-classifier model is installed; the phrase-and-rule classifier runs",
-                        "agreement": agreement.to_dict(with_disagreements=False)},
+                        "agreement": agreement.to_dict(with_disagreements=False),
+                        "held_out_agreement": measure_held_out_agreement().to_dict(with_disagreements=False)},
             timing=timing)

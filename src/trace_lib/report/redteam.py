@@ -176,6 +176,7 @@ def redteam_body(result: Any) -> tuple[list, list, str, str]:
                               td_num(fd.get("jailbreak_mean"), ".3g"), td_num(fd.get("other_harmful_mean"), ".3g"),
                               td_num(None)])
     ag = _d(classifier.get("agreement"))
+    held = _d(classifier.get("held_out_agreement"))
     behaviour = section(
         "behaviour", "Behaviour",
         table(["model", "role", ("refusal rate", "harmful prompts refused; 95% Wilson interval"),
@@ -196,8 +197,12 @@ def redteam_body(result: Any) -> tuple[list, list, str, str]:
         h("h3", "Classifier"),
         kv_table([("classifier", classifier.get("name")), ("model", classifier.get("model") or "none"),
                   ("note", classifier.get("note")),
-                  ("agreement with hand labels", f"{ag.get('n', 'n/a')} replies: accuracy {fmt(ag.get('accuracy'))}, "
-                                                 f"Cohen's kappa {fmt(ag.get('kappa'))}" if ag else None)]),
+                  ("agreement with hand labels (in sample)",
+                   f"{ag.get('n', 'n/a')} replies written for the rules: accuracy {fmt(ag.get('accuracy'))}, "
+                   f"Cohen's kappa {fmt(ag.get('kappa'))}" if ag else None),
+                  ("agreement with hand labels (held out)",
+                   f"{held.get('n', 'n/a')} real replies of default-safety: accuracy {fmt(held.get('accuracy'))}, "
+                   f"Cohen's kappa {fmt(held.get('kappa'))}" if held else None)]),
         intro="Greedy replies of the reference and each variant to the same harmful and harmless prompts, labelled "
               "refusal / compliance / incoherent; rates with 95% Wilson intervals; paired flips with the exact "
               "McNemar test.")
