@@ -72,3 +72,20 @@ def test_controls_and_a_known_injury(default_audit, safety_loaded):
     assert {(hook, f) for f in top} <= degraded, (top, sorted(degraded))
     assert "ablated-refusal-features" in result.summary() and "Warning: Feature #" in result.summary()
     torch.testing.assert_close(torch.tensor(fp32.outputs.same_top_rate), torch.tensor(1.0))
+
+
+def test_weight_ladder_sweep_decays(default_audit, safety_loaded):
+    """A short weight ladder on the default model, with the audit's SAEs: the safety features decay as the bits
+    fall, and best_config picks the smallest config that keeps them (the spec's phases II and III)."""
+    auditor = trace.OptimizationAuditor(safety_loaded, default_audit.sae_dict, kl_chunks=2)
+    result = auditor.run_sweep(configs=["int8-rtn-g32", "int4-rtn-g32", "int2-rtn-g32"], min_cpfr=0.9)
+    cpfr = [result.row(n).metric("safety_cpfr") for n in ("int8-rtn-g32", "int4-rtn-g32", "int2-rtn-g32")]
+    kld = [result.row(n).metric("kld_mean") for n in ("int8-rtn-g32", "int4-rtn-g32", "int2-rtn-g32")]
+    assert cpfr[0] > cpfr[1] > cpfr[2] and kld[0] < kld[1] < kld[2], (cpfr, kld)
+    assert cpfr[0] >= 0.9 > cpfr[2]
+    best = result.best_config()
+    passing = [n for n, c in zip(("int8-rtn-g32", "int4-rtn-g32", "int2-rtn-g32"), cpfr) if c >= 0.9]
+    assert best.name == passing[-1]  # the smallest model among those above the bar
+    assert "int2-rtn-g32" in best.rejected and "< 0.9" in best.rejected["int2-rtn-g32"]
+    (curve,) = result.decay_curves().values()
+    assert [p["bits"] for p in curve] == [8, 4, 2] and [p["safety_cpfr"] for p in curve] == cpfr
