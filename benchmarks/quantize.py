@@ -17,7 +17,7 @@ from trace_lib import load_model
 from trace_lib.quant import quantize
 
 DEFAULT_CONFIGS = ("fp16,bf16,int8-dynamic,int8-dyn-tok,int8-weight,int8-rtn-g32,int4-rtn-g32,int4-rtn-g32-kernel,"
-                   "int2-rtn-g32,gguf-q8_0,gguf-q5_1,gguf-q4_0,w4a8")
+                   "int2-rtn-g32,gguf-q8_0,gguf-q5_1,gguf-q5_0,gguf-q4_1,gguf-q4_0,w4a8")
 
 
 def main() -> None:
