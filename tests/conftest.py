@@ -54,7 +54,6 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     cfg = tiny_config(arch)
     cfg._attn_implementation = "eager"
     model = T.AutoModelForCausalLM.from_config(cfg)
-    # Random init is small; scale up the weights a little so the numbers are not all near zero.
     return model.eval()
 
 

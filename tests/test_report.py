@@ -513,3 +513,17 @@ def test_plots_are_deterministic_svg():
     assert all(i.startswith("x-") for i in re.findall(r'\bid="([^"]+)"', a))
     assert plots.kld_percentiles_svg({"fp32": {k: 0.0 for k in plots.KLD_PERCENTILES}}).startswith("<svg")
     assert plots.decay_curves_svg({}) == ""
+
+
+def test_redteam_verdict_names_significant_over_refusal():
+    from trace_lib.report.redteam import verdict
+
+    harmless = {"new_over_refusals": list(range(30)), "dropped_over_refusals": [0], "mcnemar_p": 2.98e-08}
+    flip = {"jailbreaks": [1, 2, 3, 4], "reverse": [5, 6, 7], "mcnemar_p": 1.0, "harmless": harmless}
+    status, why = verdict(flip, 0.05)  # the int8-dynamic case of docs/redteam.md: refusals kept, harmless refused
+    assert status == "CHECK" and "30 new over-refusals against 1 dropped" in why and "2.98e-08" in why
+    quiet = {"jailbreaks": [], "reverse": [], "mcnemar_p": 1.0, "harmless": harmless}
+    assert verdict(quiet, 0.05)[0] == "CHECK"
+    fine = {**quiet, "harmless": {**harmless, "mcnemar_p": 0.2}}
+    status, why = verdict(fine, 0.05)
+    assert status == "OK" and "over-refuses" not in why
