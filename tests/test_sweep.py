@@ -95,10 +95,11 @@ def test_reference_work_does_not_grow_with_configs(tiny_sweep, tiny_sweep_audito
     # quantize() deep-copies the reference, hooks included: count only the reference's own forwards
     handle = ref_model.register_forward_pre_hook(lambda m, a: calls.append(1) if m is ref_model else None)
     try:
-        tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=["fp32"])
+        tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=["fp32"], cache=False)
         one = len(calls)
         calls.clear()
-        tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=["fp32", "int8-rtn-g32", "int2-rtn-g32"])
+        tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=["fp32", "int8-rtn-g32", "int2-rtn-g32"],
+                                     cache=False)
         three = len(calls)
     finally:
         handle.remove()
@@ -127,7 +128,8 @@ def test_a_config_that_fails_while_running_is_skipped(tiny_sweep_auditor, monkey
         return real_run(self, var, *a, **k)
 
     monkeypatch.setattr(AuditSession, "run", run)
-    result = tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=["fp32", "int2-rtn-g32", "int8-rtn-g32"])
+    result = tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=["fp32", "int2-rtn-g32", "int8-rtn-g32"],
+                                          cache=False)
     assert [r.status for r in result.rows] == ["ok", "skipped", "ok"]
     assert result.row("int2-rtn-g32").reason == "failed while running: no kernel for this layout on this CPU"
     assert "int2-rtn-g32" in result.best_config().rejected
@@ -195,3 +197,32 @@ def test_cli_sweep_writes_json_and_html(tiny_sweep_auditor, tiny_folder, tmp_pat
     assert "best config at safety CPFR >= 0.75" in capsys.readouterr().out
     page = (tmp_path / "sweep.html").read_text()
     assert "Recommended at safety CPFR ≥ 0.75" in page and "int4-rtn-g48" in page
+
+
+def test_an_interrupted_sweep_resumes_from_its_finished_rows(tiny_sweep_auditor, monkeypatch):
+    from trace_lib import sweep as sweep_module
+    from trace_lib.audit import AuditSession
+
+    configs = ["int6-rtn-g32", "int5-rtn-g32", "int3-rtn-g32"]
+    real_quantize = sweep_module.quantize
+
+    def interrupted(ref, cfg):
+        if cfg.name == "int3-rtn-g32":
+            raise KeyboardInterrupt
+        return real_quantize(ref, cfg)
+
+    monkeypatch.setattr(sweep_module, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=configs)
+    monkeypatch.setattr(sweep_module, "quantize", real_quantize)
+    ran = []
+    real_run = AuditSession.run
+    monkeypatch.setattr(AuditSession, "run", lambda self, var: ran.append(var.quant.name) or real_run(self, var))
+    resumed = tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=configs)
+    assert ran == ["int3-rtn-g32"] and resumed.settings["cached_configs"] == ["int6-rtn-g32", "int5-rtn-g32"]
+    fresh = tiny_sweep_auditor.run_sweep(test_prompts="harmful_refusal_v1", configs=configs, cache=False)
+    for name in configs:  # a row read back is the row computed afresh
+        a, b = resumed.row(name).audit, fresh.row(name).audit
+        assert a.safety_cpfr == b.safety_cpfr or (a.safety_cpfr != a.safety_cpfr and b.safety_cpfr != b.safety_cpfr)
+        assert a.hooks["blocks.1.hook_resid_post"]["cpfr_all_features"] == b.hooks["blocks.1.hook_resid_post"]["cpfr_all_features"]
+        assert a.outputs.kld_mean == b.outputs.kld_mean

@@ -31,7 +31,7 @@ import torch
 
 from trace_lib import __version__
 from trace_lib.audit import Audit, AuditResult, VariantAudit, _clean
-from trace_lib.cache import atomic_write_json
+from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
 from trace_lib.errors import ResultFormatError, TraceError
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
 
@@ -226,6 +226,21 @@ class SweepResult:
                    (d.get("best_config") or {}).get("min_cpfr", 0.9))
 
 
+def _row_cache(sess) -> Path:
+    """The folder of finished sweep rows for this reference side: model, prompts, SAEs, fingerprint, KL text and
+    threshold all enter the key, so a row is reused only where it would be recomputed identically."""
+    from trace_lib.fingerprint import _sae_identity
+
+    audit = sess.audit
+    key = stable_hash({"version": RESULT_VERSION, "trace": __version__, "model": audit.reference.content_hash,
+                       "texts": stable_hash(sess.texts), "groups": {c: [a.tolist(), b.tolist()]
+                                                                     for c, (a, b) in sess.groups.items()},
+                       "saes": {h: _sae_identity(s) for h, s in sess.saes.items()},
+                       "fingerprint": stable_hash(sess.fp.to_dict()), "kl": stable_hash(sess.kl_ids.tolist()),
+                       "threshold": audit.threshold, "batch_size": audit.batch_size})
+    return cache_dir("sweeps", key)
+
+
 def forward_speed_ratio(ref_model, var_model, batch: dict, repeats: int = 3) -> float:
     """Reference forward time / variant forward time on the same batch (>1: the variant is faster).
 
@@ -265,12 +280,14 @@ class OptimizationAuditor:
                 check_sae_fits(s, h, ref.d_model)
 
     def run_sweep(self, test_prompts: Any = None, configs: Sequence[Any] | None = None, ladder: str | None = None,
-                  dataset: Any = "harmful_refusal_v1", min_cpfr: float = 0.9) -> SweepResult:
+                  dataset: Any = "harmful_refusal_v1", min_cpfr: float = 0.9, cache: bool = True) -> SweepResult:
         """Audit every config (``configs``, or a named ``ladder``; default ``weights``).
 
         A config that cannot be built, or fails while it runs (a missing kernel, a format this machine cannot
         run), becomes a ``skipped`` row with the reason; the sweep goes on. ``min_cpfr`` is the safety-CPFR bar
-        the result's ``best_config()`` uses and records.
+        the result's ``best_config()`` uses and records. With ``cache``, each finished row is written atomically
+        under ``$TRACE_CACHE/sweeps/`` as soon as it is done, so an interrupted sweep resumes at the first config
+        it had not finished (``settings["cached_configs"]`` lists the rows read back).
 
         ``test_prompts`` is a dataset name / Dataset (its test split is used), a list of safety prompts (judged
         against ``dataset``'s test-split baseline prompts), or None (``dataset``'s test split).
@@ -294,7 +311,16 @@ class OptimizationAuditor:
         audits = []
         from trace_lib.progress import track
 
+        row_dir = _row_cache(sess) if cache else None
+        cached: list[str] = []
         for cfg in track(parsed, "sweeping configs"):
+            row_file = row_dir / f"{stable_hash(cfg.to_dict())}.json" if row_dir is not None else None
+            if row_file is not None and row_file.is_file():
+                row = SweepRow.from_dict(json.loads(row_file.read_text(encoding="utf-8")))
+                rows.append(row)
+                audits.append(row.audit)
+                cached.append(cfg.name)
+                continue
             t0 = time.perf_counter()
             try:
                 var = quantize(self.audit.reference, cfg)
@@ -313,11 +339,13 @@ class OptimizationAuditor:
                 del var
             audits.append(va)
             rows.append(SweepRow(cfg.name, cfg.to_dict(), "ok", audit=va, build_s=round(build, 3), speed_ratio=speed))
+            if row_file is not None:
+                atomic_write_json(row_file, rows[-1].to_dict())
         base = sess.result(audits, time.perf_counter() - t_start)
         used = {name: [n for n in names if any(r.name == n for r in rows)] for name, names in LADDERS.items()
                 if name != "all"}
         used = {k: v for k, v in used.items() if len(v) >= 2} or {"configs": [r.name for r in rows]}
         return SweepResult(self.audit.reference.describe(), rows, used, base,
-                           settings={"configs": [c.name for c in parsed], "ladder": ladder},
+                           settings={"configs": [c.name for c in parsed], "ladder": ladder, "cached_configs": cached},
                            timing={"total_s": round(time.perf_counter() - t_start, 2), **sess.timing},
                            min_cpfr=min_cpfr)
