@@ -226,3 +226,7 @@ def test_an_interrupted_sweep_resumes_from_its_finished_rows(tiny_sweep_auditor,
         assert a.safety_cpfr == b.safety_cpfr or (a.safety_cpfr != a.safety_cpfr and b.safety_cpfr != b.safety_cpfr)
         assert a.hooks["blocks.1.hook_resid_post"]["cpfr_all_features"] == b.hooks["blocks.1.hook_resid_post"]["cpfr_all_features"]
         assert a.outputs.kld_mean == b.outputs.kld_mean
+    # the rows read back did not run now: their forward passes do not count in this run's forward time
+    ran_now = resumed.row("int3-rtn-g32").audit.timing
+    assert resumed.base.timing["forward_s"] < fresh.base.timing["forward_s"]
+    assert resumed.base.timing["forward_s"] >= round(ran_now["prompt_forward_s"] + ran_now["kl_forward_s"], 2)

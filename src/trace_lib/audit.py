@@ -563,10 +563,13 @@ class AuditSession:
                      "total_s": round(time.perf_counter() - t0, 3), "kl_s": round(t2 - t1, 3)}
         return va
 
-    def result(self, variants: list[VariantAudit], total_s: float) -> AuditResult:
+    def result(self, variants: list[VariantAudit], total_s: float,
+               timed: list[VariantAudit] | None = None) -> AuditResult:
+        """The audit of ``variants``; ``timed`` (default all of them) are those computed within ``total_s``, whose
+        forward passes count in ``forward_s`` (a resumed sweep reads some rows back from its cache)."""
         fp, saes = self.fp, self.saes
         forward_s = self.ref_prompt_s + self.ref_kl_s + sum(v.timing["prompt_forward_s"] + v.timing["kl_forward_s"]
-                                                             for v in variants)
+                                                             for v in (variants if timed is None else timed))
         audit_s = total_s - self.timing["sae_s"] - self.timing["fingerprint_s"]
         return AuditResult(
             reference=self.audit.reference.describe(), prompts=list(self.texts),

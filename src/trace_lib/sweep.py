@@ -341,7 +341,8 @@ class OptimizationAuditor:
             rows.append(SweepRow(cfg.name, cfg.to_dict(), "ok", audit=va, build_s=round(build, 3), speed_ratio=speed))
             if row_file is not None:
                 atomic_write_json(row_file, rows[-1].to_dict())
-        base = sess.result(audits, time.perf_counter() - t_start)
+        fresh = [r.audit for r in rows if r.status == "ok" and r.name not in cached]
+        base = sess.result(audits, time.perf_counter() - t_start, timed=fresh)
         used = {name: [n for n in names if any(r.name == n for r in rows)] for name, names in LADDERS.items()
                 if name != "all"}
         used = {k: v for k, v in used.items() if len(v) >= 2} or {"configs": [r.name for r in rows]}
