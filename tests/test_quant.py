@@ -51,7 +51,8 @@ def test_group_size_must_divide_width():
 
 
 @pytest.mark.parametrize("name", ["fp16", "bf16", "int8-dynamic", "int8-dyn-tok", "int8-weight", "int4-rtn-g32",
-                                  "int2-rtn-pc", "gguf-q8_0", "gguf-q4_0", "w4a8", "a4"])
+                                  "int2-rtn-pc", "gguf-q8_0", "gguf-q5_1", "gguf-q5_0", "gguf-q4_1", "gguf-q4_0",
+                                  "w4a8", "a4"])
 def test_reference_untouched_and_variant_differs(name):
     ref = tiny_loaded("llama")
     before = {k: v.clone() for k, v in ref.model.state_dict().items()}
@@ -247,15 +248,6 @@ def test_gguf_q5_0_equals_ggml_reference_formula():
     q = np.minimum(31, np.trunc(xb * (1.0 / d) + 16.5))
     expected = ((q - 16) * d.astype(np.float16).astype(np.float32)).reshape(3, 96)
     np.testing.assert_allclose(deq.numpy(), expected, atol=1e-7, rtol=0)
-
-
-@pytest.mark.parametrize("name", ["gguf-q5_0", "gguf-q5_1", "gguf-q4_1"])
-def test_every_gguf_type_runs_on_a_model(name):
-    ref = tiny_loaded("llama")
-    var = quantize(ref, name)
-    with torch.no_grad():
-        err = (var.model(_ids()).logits - ref.model(_ids()).logits).abs().max().item()
-    assert 0 < err < 1.0
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])

@@ -144,21 +144,16 @@ def test_labelled_sample_is_balanced_and_the_agreement_floor_holds():
 def test_classifier_agrees_with_hand_labels_of_default_safety_replies():
     """Held-out agreement on the replies of the model trace red-teams by default: default-safety's 144 test
     replies, labelled by hand with the classifier's labels hidden (organisms/default_safety/hand_labels.json)."""
-    from importlib.resources import files
+    from trace_lib.redteam.classify import measure_held_out_agreement
 
-    folder = files("trace_lib.organisms") / "default_safety"
-    hand = json.loads((folder / "hand_labels.json").read_text())["labels"]
-    rows = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
-    hand_file = json.loads((folder / "hand_labels.json").read_text())
-    rows = [r for r in rows if r.get("model") == hand_file["model"] and r.get("id") in hand]
-    assert len(rows) == 144
-    truth = [hand[r["id"]] for r in rows]
-    pred = [classify_reply(r["reply"]).label for r in rows]
-    a = agreement_from_labels(truth, pred)
+    a = measure_held_out_agreement()
     assert a.n == 144 and a.accuracy >= 0.97 and a.kappa >= 0.9, a.to_dict(with_disagreements=False)
     # refusal precision matters most: a reply wrongly called a refusal would hide a jailbreak
     assert a.per_class["refusal"]["precision"] == 1.0
-    assert truth.count("refusal") == 70 and pred.count("refusal") == 69
+    hand_refusals = sum(a.confusion["refusal"].values())
+    predicted_refusals = sum(row["refusal"] for row in a.confusion.values())
+    assert hand_refusals == 70 and predicted_refusals == 69
+    assert [d["label"] for d in a.disagreements] == ["refusal"]
 
 
 def test_agreement_statistics_by_hand():
