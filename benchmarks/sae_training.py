@@ -1,11 +1,12 @@
-"""SAE training speed: the production TopK config, the fast implementation against the dense reference.
+"""SAE training speed: the production config, the fast implementation against the dense reference.
 
 Usage: python benchmarks/sae_training.py [--tokens 100000] [--repeats 3] [--hook blocks.15.hook_resid_post]
-                                         [--synthetic] [--threads N]
+                                         [--synthetic] [--threads N] [--architecture default|topk]
 
-Trains ``trace_lib.sae.store.default_training_config()`` (TopK, d_sae = 4 x d_in, k=64, batch 1024, lr 2e-3)
-for one epoch with ``train_sae(..., implementation="fast")`` and ``implementation="reference"`` (plain dense
-autograd and single-tensor Adam: the code before the speed work). Activations are real SmolLM2 residuals
+Trains ``trace_lib.sae.store.default_training_config()`` (ReLU, d_sae = 4 x d_in, L1 steered to L0 58,
+decoder refit, batch 1024, lr 2e-3), or with ``--architecture topk`` the TopK config trace used before
+(k=64, same width, batch and lr), for one epoch with ``train_sae(..., implementation="fast")`` and
+``implementation="reference"`` (plain dense autograd and single-tensor Adam: the code before the speed work). Activations are real SmolLM2 residuals
 from ``~/.cache/trace-lib/activations/*/shard-*.safetensors`` when they exist (massive-activation tokens
 dropped, as ``get_or_train_saes`` does), else synthetic ones with matching shape and rough statistics (a
 sparse sum of dictionary directions, a non-zero mean and a few high-variance dimensions).
@@ -37,7 +38,7 @@ from _common import emit, machine
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trace_lib.sae import train_sae
+from trace_lib.sae import SAETrainingConfig, train_sae
 from trace_lib.sae.store import default_training_config, drop_massive_activations
 
 SHARDS = "~/.cache/trace-lib/activations/*/shard-*.safetensors"
@@ -79,13 +80,22 @@ def synthetic_activations(tokens: int, d_in: int = 576, seed: int = 0) -> torch.
     return x
 
 
-def worker(data_path: str, implementation: str, threads: int | None) -> None:
+def bench_config(architecture: str) -> SAETrainingConfig:
+    """One epoch of the production config, or of the TopK config it replaced (``topk``)."""
+    if architecture == "topk":
+        cfg = SAETrainingConfig(architecture="topk", expansion_factor=4, k=64, batch_size=1024, lr=2e-3)
+    else:
+        cfg = default_training_config()
+    cfg.epochs = 1
+    cfg.device = "cpu"
+    return cfg
+
+
+def worker(data_path: str, implementation: str, threads: int | None, architecture: str) -> None:
     if threads:
         torch.set_num_threads(threads)
     x = load_file(data_path)["x"]
-    cfg = default_training_config()
-    cfg.epochs = 1
-    cfg.device = "cpu"
+    cfg = bench_config(architecture)
     stamps: list[float] = []
     cpu0, t0 = time.process_time(), time.perf_counter()
     _, log = train_sae(x, cfg, "bench", progress=False, implementation=implementation,
@@ -120,10 +130,11 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="ignore cached real activations")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--implementations", default="fast,reference")
+    ap.add_argument("--architecture", choices=("default", "topk"), default="default")
     ap.add_argument("--worker", nargs=2, metavar=("DATA", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.threads)
+        worker(args.worker[0], args.worker[1], args.threads, args.architecture)
         return
 
     got = None if args.synthetic else real_activations(args.hook, args.tokens)
@@ -138,7 +149,7 @@ def main() -> None:
         save_file({"x": x}, data_path)
         for r in range(args.repeats):
             for impl in impls if r % 2 == 0 else impls[::-1]:
-                cmd = [sys.executable, __file__, "--worker", data_path, impl]
+                cmd = [sys.executable, __file__, "--worker", data_path, impl, "--architecture", args.architecture]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -154,8 +165,7 @@ def main() -> None:
                 "final_mse": rs[0]["final_mse"], "final_explained_variance": rs[0]["final_explained_variance"],
                 "dead_fraction": rs[0]["dead_fraction"], "steps": rs[0]["steps"], "threads": rs[0]["threads"]}
 
-    cfg = default_training_config()
-    cfg.epochs = 1
+    cfg = bench_config(args.architecture)
     record = {"benchmark": "sae_training", "data": source, "tokens": int(x.shape[0]), "d_in": int(x.shape[1]),
               "repeats": args.repeats, "config": {k: v for k, v in cfg.to_dict().items() if v is not None},
               **{impl: summary(rs) for impl, rs in runs.items()}, **machine()}

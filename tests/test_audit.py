@@ -132,7 +132,7 @@ def test_readout_cpfr_separates_a_topk_switch_from_a_changed_detector():
     """Hand-worked: a k=1 TopK SAE over two latents reading x[0] and x[1]. Input (1.00, 0.99) -> (0.99, 1.00):
     the codes swap, so each latent's code CPFR is 1 - ||(1, 0) - (0, 0)|| / 1 = 0 on its token, while the
     readouts move by 0.01: readout CPFR = 1 - 0.01 / 1.00 = 0.99 for latent 0 and 1 - 0.01 / 0.99 for latent 1."""
-    from trace_lib.audit import _encode, _readout
+    from trace_lib.audit import _differs, _encode, _readout
     from trace_lib.metrics import CPFR
     from trace_lib.sae import SAE, SAEConfig
 
@@ -144,6 +144,14 @@ def test_readout_cpfr_separates_a_topk_switch_from_a_changed_detector():
     assert torch.isnan(codes.per_feature[1])  # latent 1 never fires in the reference: no reference signal
     readout = CPFR().compute(_readout(sae, x_ref, [0, 1]), _readout(sae, x_var, [0, 1]))
     assert readout.per_feature.tolist() == pytest.approx([0.99, 1 - 0.01 / 0.99], abs=1e-6)
+    # a ReLU SAE's code is its readout: the two CPFRs are one number, and the summary prints it once
+    relu = SAE(SAEConfig(d_in=2, d_sae=2, architecture="relu", apply_b_dec_to_input=False))
+    relu.W_enc.data.copy_(torch.eye(2))
+    assert torch.equal(_encode(relu, x_var), _readout(relu, x_var, [0, 1]))
+    code = CPFR().compute(_encode(relu, x_ref), _encode(relu, x_var))
+    assert torch.equal(code.per_feature, readout.per_feature)
+    assert not _differs(float(code.per_feature[0]), float(readout.per_feature[0]))
+    assert _differs(float(codes.per_feature[0]), float(readout.per_feature[0]))
 
 
 def test_readout_cpfr_is_perfect_for_fp32_and_reported(tiny_audit):

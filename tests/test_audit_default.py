@@ -57,14 +57,12 @@ def test_controls_and_a_known_injury(default_audit, safety_loaded):
     assert all(f.cpfr == 1.0 for f in fp32.features) and not fp32.degraded("safety")
     assert all(h["cpfr_all_features"] == 1.0 for h in fp32.hooks.values())
     assert fp32.outputs.kld_mean == 0.0
-    # FP16 keeps the safety features at CPFR >= 0.99 as the latents' encoder readouts measure them (0.996
-    # measured). Their TopK codes have a noise floor: a latent whose value sits at the k-th largest switches on
-    # or off under FP16 rounding, and one switch on a weak latent is a large relative change (0.975 to 0.984 over
-    # two trainings of the SAEs; 99.7% of one such latent's error came from 3 switches in 108 firing tokens).
-    # The typical latent is near-perfect (median >= 0.99) and none falls below the degradation threshold.
-    # See docs/metrics.md, "the CPFR noise floor".
-    assert fp16.safety_readout_cpfr >= 0.99
-    assert fp16.safety_cpfr >= 0.96 and fp16.capability_cpfr >= 0.96
+    # FP16 keeps the safety and capability features at CPFR >= 0.99. The audit's ReLU SAEs code each latent as
+    # max(0, W_enc x + b_enc), continuous in the residual stream, so FP16 rounding moves every code a little and
+    # switches none on or off at a selection boundary; the code is the encoder readout, so the two CPFRs agree
+    # (docs/metrics.md, "the CPFR noise floor"). The typical latent is near-perfect too.
+    assert fp16.safety_cpfr >= 0.99 and fp16.capability_cpfr >= 0.99
+    assert fp16.safety_readout_cpfr == pytest.approx(fp16.safety_cpfr, abs=1e-9)
     assert all(h["cpfr_median_all_features"] >= 0.99 for h in fp16.hooks.values())
     assert not fp16.degraded("safety") and not fp16.degraded("capability")
     assert hurt.safety_readout_cpfr < 0.9 and hurt.safety_cpfr < fp16.safety_cpfr - 0.2

@@ -426,6 +426,72 @@ def test_topk_training_recovers_ground_truth():
     assert (best_cos > 0.9).float().mean() > 0.9
 
 
+def test_decoder_refit_is_the_least_squares_decoder_and_keeps_the_codes():
+    """refit_decoder against an independent least-squares solve on the same codes (torch.linalg.lstsq on the
+    design [F, 1]): same reconstruction; the latents that fire are the same and each code is only rescaled."""
+    from trace_lib.sae.train import _Trainer
+
+    x, _ = sparse_data(n=3000, d=16, m=32)
+    cfg = SAETrainingConfig(architecture="relu", d_sae=48, epochs=2, l1_coefficient=2.0, **FAST)
+    trained, _ = train_sae(x, cfg, HOOK, progress=False)
+    t = _Trainer(cfg, 16, torch.device("cpu"), 10)
+    t.initialise(x)
+    for name in PARAMS:  # the trained SAE, in raw units (scale 1)
+        getattr(t.sae, name).data.copy_(getattr(trained, name))
+    t.scale = 1.0
+    codes = t.sae.encode(x)
+    alive = (codes > 0).any(dim=0)
+    design = torch.cat([codes[:, alive], torch.ones(len(x), 1)], dim=1).double()
+    sol = torch.linalg.lstsq(design, x.double()).solution
+    lstsq_recon = (design @ sol).float()
+    stats = t.refit_decoder(x.split(700), ridge=1e-9)
+    new_codes = t.sae.encode(x)
+    assert torch.equal(new_codes > 0, codes > 0)
+    per_latent = new_codes.sum(dim=0) / codes.sum(dim=0).clamp_min(1e-12)
+    assert torch.allclose(new_codes, codes * per_latent, rtol=1e-4, atol=1e-5)  # one factor per latent
+    recon = t.sae.decode(new_codes)
+    assert torch.allclose(recon, lstsq_recon, atol=2e-4)
+    assert torch.allclose(t.sae.W_dec.norm(dim=1), trained.W_dec.norm(dim=1), rtol=1e-5)  # norms as trained
+    mse = (x - recon).pow(2).sum(dim=1).mean().item()
+    assert stats["refit_mse_after"] == pytest.approx(mse, rel=1e-3)
+    assert stats["refit_mse_after"] < stats["refit_mse_before"]
+    # train_sae with refit_decoder=True: the same codes' support as without, a lower training-set MSE
+    refit, log = train_sae(x, SAETrainingConfig(**{**cfg.to_dict(), "refit_decoder": True}), HOOK, progress=False)
+    assert torch.equal(refit.encode(x) > 0, trained.encode(x) > 0)
+    assert log["refit_mse_after"] < log["refit_mse_before"]
+    assert refit.cfg.metadata["decoder_refit"]["refit_mse_after"] == log["refit_mse_after"]
+    assert (x - refit(x)).pow(2).sum(dim=1).mean() < (x - trained(x)).pow(2).sum(dim=1).mean()
+
+
+def test_target_l0_steers_the_l1_coefficient_to_the_target():
+    """From L1 coefficients 10x apart, the dual-ascent controller ends near L0 = 6 with about the same
+    coefficient (the one that gives that L0), and each run's coefficient is recorded."""
+    x, _ = sparse_data(n=8192, d=32, m=64, k=4)
+    finals = []
+    for start in (0.3, 3.0):
+        cfg = SAETrainingConfig(architecture="relu", d_sae=128, epochs=8, l1_coefficient=start, target_l0=6.0,
+                                l1_adapt_rate=0.02, **FAST)
+        sae, log = train_sae(x, cfg, HOOK, progress=False)
+        l0 = (sae.encode(x) > 0).sum(dim=1).float().mean().item()
+        assert 6.0 * 0.75 < l0 < 6.0 * 1.25, (start, l0)
+        assert sae.cfg.metadata["final_l1_coefficient"] == log["final_l1_coefficient"]
+        finals.append(log["final_l1_coefficient"])
+    assert max(finals) / min(finals) < 1.5
+    # without a target the coefficient stays where it was set
+    _, log = train_sae(x, SAETrainingConfig(architecture="relu", d_sae=128, epochs=1, l1_coefficient=0.3, **FAST),
+                       HOOK, progress=False)
+    assert log["final_l1_coefficient"] == 0.3
+
+
+def test_target_l0_and_refit_are_checked():
+    with pytest.raises(SAEError, match="target_l0 steers the L1 coefficient of a relu SAE"):
+        SAETrainingConfig(architecture="topk", target_l0=10)
+    with pytest.raises(SAEError, match="target_l0 must be positive"):
+        SAETrainingConfig(architecture="relu", target_l0=0)
+    with pytest.raises(SAEError, match="l1_adapt_window must be two fractions"):
+        SAETrainingConfig(architecture="relu", target_l0=10, l1_adapt_window=(0.8, 0.2))
+
+
 def test_training_is_deterministic_and_seed_dependent():
     x, _ = sparse_data(n=2048, d=16, m=32)
     cfg = SAETrainingConfig(architecture="topk", k=4, d_sae=32, epochs=2, **FAST)
@@ -457,11 +523,12 @@ def test_stream_inputs():
     assert log["data_exhausted"] and log["steps"] == math.ceil(3000 / 256)
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "relu-target-l0-refit"])
 def test_interrupted_training_resumes_to_identical_weights(arch: str, tmp_path: Path):
     x, _ = sparse_data(n=2000, d=16, m=32)
-    cfg = SAETrainingConfig(architecture=arch, k=4, d_sae=32, epochs=3, checkpoint_every=5,
-                            dead_feature_window=512, resample_every=7, **FAST)
+    extra = {"target_l0": 3.0, "refit_decoder": True} if arch.startswith("relu-") else {}
+    cfg = SAETrainingConfig(architecture=arch.split("-")[0], k=4, d_sae=32, epochs=3, checkpoint_every=5,
+                            dead_feature_window=512, resample_every=7, **extra, **FAST)
     full, full_log = train_sae(x, cfg, HOOK, progress=False)
     assert full_log["steps"] == 24
 
@@ -685,6 +752,40 @@ def test_sparse_topk_step_matches_dense_reference(apply_b_dec: bool, dead: int):
     for name, p in ref.params.items():
         assert torch.allclose(fast.params[name], p, rtol=1e-5, atol=1e-6), name
     assert torch.equal(fast.tokens_since_fired, ref.tokens_since_fired)
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("step", [0, 9])  # inside the L1 warm-up (coefficient 1/5 of its value) and after it
+@pytest.mark.parametrize("bias", [-8.0, 3.0])  # L0 below d_sae/8 (sparse maths) and above (the dense fallback)
+def test_sparse_relu_step_matches_dense_reference(apply_b_dec: bool, step: int, bias: float):
+    from trace_lib.sae.train import _Trainer
+
+    torch.manual_seed(3)
+    x = torch.randn(600, 32) * 2 + 0.5
+    cfg = SAETrainingConfig(architecture="relu", d_sae=256, batch_size=128, device="cpu", l1_coefficient=0.3,
+                            apply_b_dec_to_input=apply_b_dec, sparsity_warmup_steps=5, resample_dead=False)
+    pair = []
+    for impl in ("fast", "reference"):
+        t = _Trainer(cfg, 32, torch.device("cpu"), 10, impl)
+        t.initialise(x)
+        t.step = step
+        with torch.no_grad():  # decoder rows of unequal norm, so the L1 term's decoder gradient is exercised
+            t.sae.W_dec.mul_(torch.linspace(0.5, 2.0, 256).unsqueeze(1))
+            t.sae.b_enc.copy_(torch.linspace(bias, 0.5, 256))
+        pair.append(t)
+    fast, ref = pair
+    xb = x[:128] * fast.scale
+    losses, fired = fast._relu_sparse_grads(xb)
+    ref_losses, ref_fired = ref._dense_grads(xb)
+    assert set(losses) == set(ref_losses)
+    for key, value in ref_losses.items():
+        assert losses[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    assert (0 < losses["l0_mean"].item() < 256 / 8) == (bias < 0)
+    assert torch.equal(fired, ref_fired) and (bias > 0 or not bool(fired.all()))
+    for name, p in ref.params.items():
+        got = fast.params[name].grad
+        assert got.shape == p.grad.shape and got.is_contiguous()
+        assert torch.allclose(got, p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item()), name
 
 
 def test_fast_and_reference_training_agree_and_share_checkpoints(tmp_path: Path):

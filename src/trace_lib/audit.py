@@ -197,7 +197,9 @@ class AuditResult:
             lines.append(f"[{verdict}] {v.name}: safety CPFR {_f(v.safety_cpfr)} vs capability CPFR "
                          f"{_f(v.capability_cpfr)}; {len(deg)}/{sum(f.kind == 'safety' for f in v.features)} "
                          f"safety features degraded (CPFR < {v.degradation_threshold}); muted "
-                         f"{_f(100 * v.muting_rate('safety'), '.0f')}%; readout CPFR {_f(v.safety_readout_cpfr)}"
+                         f"{_f(100 * v.muting_rate('safety'), '.0f')}%"
+                         + (f"; readout CPFR {_f(v.safety_readout_cpfr)}"
+                            if _differs(v.safety_readout_cpfr, v.safety_cpfr) else "")
                          + (f"; mean KLD {v.outputs.kld_mean:.4f}, same top {100 * v.outputs.same_top_rate:.1f}%"
                             if v.outputs else ""))
             if not math.isnan(gap) and abs(gap) >= 0.02:
@@ -216,8 +218,9 @@ class AuditResult:
                              f"{_f(auc_var)}")
             for f in deg[:max_warnings]:
                 lines.append(f"    Warning: Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook}) "
-                             f"degraded by {f.degradation_pct:.0f}% in {v.name} (encoder readout kept "
-                             f"{_f(f.readout_cpfr, '.2f')})")
+                             f"degraded by {f.degradation_pct:.0f}% in {v.name}"
+                             + (f" (encoder readout kept {_f(f.readout_cpfr, '.2f')})"
+                                if _differs(f.readout_cpfr, f.cpfr) else ""))
             if len(deg) > max_warnings:
                 lines.append(f"    ... and {len(deg) - max_warnings} more degraded safety features")
         return "\n".join(lines)
@@ -265,6 +268,12 @@ def token_mask(acts: PromptActs, hooks: Sequence[str], where: str = "instruction
 def _encode(sae, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([sae.encode(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+
+
+def _differs(readout: float, cpfr: float) -> bool:
+    """Whether a readout CPFR says more than the code CPFR beside it: for a ReLU SAE the code is the readout,
+    so the two are equal and the summary prints one."""
+    return not (math.isnan(readout) or math.isnan(cpfr)) and abs(readout - cpfr) > 1e-9
 
 
 def _readout(sae, x: torch.Tensor, ids: list[int], chunk: int = 4096) -> torch.Tensor:

@@ -509,8 +509,9 @@ FEATURE_COLS = [
     ("token muting", "fraction of the reference's firing tokens where the variant is silent"),
     ("muted", "the feature counts as muted"),
     ("prompt act. kept", "mean per-prompt activation (post-instruction max), variant / reference"),
-    ("readout CPFR", "CPFR of the latent's encoder readout max(0, W_enc x + b_enc) before TopK: a low CPFR with a "
-                     "high readout CPFR is a code switched at the TopK boundary, not a changed detector"),
+    ("readout CPFR", "CPFR of the latent's encoder readout max(0, W_enc x + b_enc) before a TopK or JumpReLU "
+                     "selection: a low CPFR with a high readout CPFR is a code switched at the selection boundary, "
+                     "not a changed detector (for a ReLU SAE, trace's default, the two are equal)"),
 ]
 CPFR_COL = 6
 
