@@ -1,12 +1,13 @@
 """SAE training speed: the production config, the fast implementation against the dense reference.
 
 Usage: python benchmarks/sae_training.py [--tokens 100000] [--repeats 3] [--hook blocks.15.hook_resid_post]
-                                         [--synthetic] [--threads N] [--architecture default|topk]
+                                         [--synthetic] [--threads N] [--architecture default|topk] [--epochs 1]
 
 Trains ``trace_lib.sae.store.default_training_config()`` (ReLU, d_sae = 4 x d_in, L1 steered to L0 58,
 decoder refit, batch 1024, lr 2e-3), or with ``--architecture topk`` the TopK config trace used before
-(k=64, same width, batch and lr), for one epoch with ``train_sae(..., implementation="fast")`` and
-``implementation="reference"`` (plain dense autograd and single-tensor Adam: the code before the speed work). Activations are real SmolLM2 residuals
+(k=64, same width, batch and lr), for one epoch (or `--epochs`) with ``train_sae(..., implementation="fast")`` and
+``implementation="reference"`` (plain dense autograd and single-tensor Adam: the code before the speed work).
+Activations are real SmolLM2 residuals
 from ``~/.cache/trace-lib/activations/*/shard-*.safetensors`` when they exist (massive-activation tokens
 dropped, as ``get_or_train_saes`` does), else synthetic ones with matching shape and rough statistics (a
 sparse sum of dictionary directions, a non-zero mean and a few high-variance dimensions).
@@ -80,22 +81,22 @@ def synthetic_activations(tokens: int, d_in: int = 576, seed: int = 0) -> torch.
     return x
 
 
-def bench_config(architecture: str) -> SAETrainingConfig:
-    """One epoch of the production config, or of the TopK config it replaced (``topk``)."""
+def bench_config(architecture: str, epochs: int = 1) -> SAETrainingConfig:
+    """``epochs`` of the production config, or of the TopK config it replaced (``topk``)."""
     if architecture == "topk":
         cfg = SAETrainingConfig(architecture="topk", expansion_factor=4, k=64, batch_size=1024, lr=2e-3)
     else:
         cfg = default_training_config()
-    cfg.epochs = 1
+    cfg.epochs = epochs
     cfg.device = "cpu"
     return cfg
 
 
-def worker(data_path: str, implementation: str, threads: int | None, architecture: str) -> None:
+def worker(data_path: str, implementation: str, threads: int | None, architecture: str, epochs: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     x = load_file(data_path)["x"]
-    cfg = bench_config(architecture)
+    cfg = bench_config(architecture, epochs)
     stamps: list[float] = []
     cpu0, t0 = time.process_time(), time.perf_counter()
     _, log = train_sae(x, cfg, "bench", progress=False, implementation=implementation,
@@ -131,10 +132,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--implementations", default="fast,reference")
     ap.add_argument("--architecture", choices=("default", "topk"), default="default")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the data (the audit trains 6)")
     ap.add_argument("--worker", nargs=2, metavar=("DATA", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.threads, args.architecture)
+        worker(args.worker[0], args.worker[1], args.threads, args.architecture, args.epochs)
         return
 
     got = None if args.synthetic else real_activations(args.hook, args.tokens)
@@ -149,7 +151,8 @@ def main() -> None:
         save_file({"x": x}, data_path)
         for r in range(args.repeats):
             for impl in impls if r % 2 == 0 else impls[::-1]:
-                cmd = [sys.executable, __file__, "--worker", data_path, impl, "--architecture", args.architecture]
+                cmd = [sys.executable, __file__, "--worker", data_path, impl, "--architecture", args.architecture,
+                       "--epochs", str(args.epochs)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -165,7 +168,7 @@ def main() -> None:
                 "final_mse": rs[0]["final_mse"], "final_explained_variance": rs[0]["final_explained_variance"],
                 "dead_fraction": rs[0]["dead_fraction"], "steps": rs[0]["steps"], "threads": rs[0]["threads"]}
 
-    cfg = bench_config(args.architecture)
+    cfg = bench_config(args.architecture, args.epochs)
     record = {"benchmark": "sae_training", "data": source, "tokens": int(x.shape[0]), "d_in": int(x.shape[1]),
               "repeats": args.repeats, "config": {k: v for k, v in cfg.to_dict().items() if v is not None},
               **{impl: summary(rs) for impl, rs in runs.items()}, **machine()}

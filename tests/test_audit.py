@@ -155,11 +155,24 @@ def test_readout_cpfr_separates_a_topk_switch_from_a_changed_detector():
 
 
 def test_readout_cpfr_is_perfect_for_fp32_and_reported(tiny_audit):
+    import copy
+    import dataclasses
+
     _, result = tiny_audit
     fp32, int2 = result.variant("fp32"), result.variant("int2-rtn-g32")
     assert fp32.features and all(f.readout_cpfr == 1.0 for f in fp32.features)
     assert sum(f.readout_cpfr for f in int2.features) / len(int2.features) < 0.99
-    assert "readout CPFR" in result.summary()
+    assert all("readout_cpfr" in f for f in int2.to_dict()["features"])
+    # The tiny model's fingerprint has capability features only, so the summary has no safety readout to print.
+    # Call a TopK latent whose code switched off (CPFR far under its readout CPFR) a safety feature: the summary
+    # then prints the variant's readout CPFR and the degraded feature's readout beside its CPFR.
+    worst = min(int2.features, key=lambda f: f.cpfr - f.readout_cpfr)
+    assert worst.cpfr < 0.8 and worst.readout_cpfr - worst.cpfr > 0.1
+    edited = copy.copy(result)
+    edited.variants = [dataclasses.replace(int2, features=[dataclasses.replace(worst, kind="safety")])]
+    text = edited.summary()
+    assert f"readout CPFR {worst.readout_cpfr:.3f}" in text
+    assert f"(encoder readout kept {worst.readout_cpfr:.2f})" in text
 
 
 def test_quick_start_with_saes_from_a_folder(tiny_audit, tiny_folder, tmp_path):

@@ -689,6 +689,15 @@ class _Trainer:
         return {k: v.detach() for k, v in losses.items()}, fired
 
     @torch.no_grad()
+    def _encoder_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sae_in, pre)`` of a batch without autograd: the encoder's input and its dense pre-activations."""
+        sae = self.sae
+        sae_in = x - sae.b_dec.detach() if self.cfg.apply_b_dec_to_input else x
+        pre = sae_in @ sae.W_enc.detach()
+        pre += sae.b_enc.detach()
+        return sae_in, pre
+
+    @torch.no_grad()
     def _topk_sparse_grads(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`_dense_grads` for TopK without dense ``[batch, d_sae]`` maths after the encoder matmul.
 
@@ -707,11 +716,9 @@ class _Trainer:
         """
         cfg = self.cfg
         sae = self.sae
-        w_enc, b_enc, w_dec, b_dec = sae.W_enc.detach(), sae.b_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
         n = x.shape[0]
-        sae_in = x - b_dec if cfg.apply_b_dec_to_input else x
-        pre = sae_in @ w_enc
-        pre += b_enc
+        sae_in, pre = self._encoder_pre(x)
+        w_enc, w_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
         top_v, top_i = _topk(pre, int(cfg.k))
         with torch.enable_grad():
             top_v.requires_grad_()
@@ -798,11 +805,9 @@ class _Trainer:
         """
         cfg = self.cfg
         sae = self.sae
-        w_enc, b_enc, w_dec, b_dec = sae.W_enc.detach(), sae.b_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
         n = x.shape[0]
-        sae_in = x - b_dec if cfg.apply_b_dec_to_input else x
-        pre = sae_in @ w_enc
-        pre += b_enc
+        sae_in, pre = self._encoder_pre(x)
+        w_enc, w_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
         rows, lat = (pre > 0).nonzero(as_tuple=True)  # row-major: entries sorted by row
         if rows.numel() > n * self.d_sae // 8:  # early in training: dense maths is faster
             with torch.enable_grad():
