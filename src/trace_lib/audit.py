@@ -86,7 +86,8 @@ class FeatureAudit:
     muted: bool
     prompt_activation_kept: float  # mean per-prompt activation (post-instruction max) variant / reference
     # CPFR of the latent's encoder readout max(0, W_enc x + b_enc) before the SAE's TopK / threshold selection:
-    # continuous in the input, so it tells a changed detector from a code switched at the TopK boundary.
+    # continuous in the input, so it tells a changed detector from a code switched at the TopK boundary. For a
+    # ReLU SAE (the audit's default) the code is the readout and the two CPFRs are equal.
     readout_cpfr: float = float("nan")
 
     @property
@@ -125,7 +126,8 @@ class VariantAudit:
 
     @property
     def safety_readout_cpfr(self) -> float:
-        """Mean CPFR of the safety features' encoder readouts (before TopK): the codes' boundary noise left out."""
+        """Mean CPFR of the safety features' encoder readouts (before a TopK / JumpReLU selection): the codes'
+        boundary noise left out; equal to :attr:`safety_cpfr` for ReLU SAEs."""
         return self._mean("safety", "readout_cpfr")
 
     def muting_rate(self, kind: str) -> float:
