@@ -555,6 +555,11 @@ class _Trainer:
         """This step's L1 coefficient: the warmed-up ``l1_coefficient`` times the controller's factor."""
         return self.sparsity_coef(self.step, self.cfg.l1_coefficient) * math.exp(self.l1_log_scale)
 
+    @property
+    def final_l1_coefficient(self) -> float:
+        """The L1 coefficient after the warm-up, with the controller's factor (``l1_coefficient`` without one)."""
+        return self.cfg.l1_coefficient * math.exp(self.l1_log_scale)
+
     def adapt_l1(self, l0_mean: float) -> None:
         """``target_l0``: one dual-ascent step on the L1 coefficient, read as the Lagrange multiplier of the
         constraint ``mean L0 = target`` (``log c += rate * log(L0 / target)``; in log space so it stays positive
@@ -563,7 +568,8 @@ class _Trainer:
         a fixed coefficient, so the update runs only inside ``l1_adapt_window``: by default from 45% of
         training (on SmolLM2's residual stream L0 has settled by then; started at 20-25% the controller
         mistook the transient for excess and ended 10-15% under the target) to 85% (the learning rate decays
-        after 80%, when the weights could no longer follow)."""
+        after 80%, when the weights could no longer follow). With no known length (a one-shot stream) it runs
+        from step ``max(warm-up, 1000)``. The factor is clamped to ``e^±10``."""
         cfg = self.cfg
         if cfg.target_l0 is None or not l0_mean > 0:
             return
@@ -698,6 +704,24 @@ class _Trainer:
         return sae_in, pre
 
     @torch.no_grad()
+    def _set_encoder_grads(self, tokens: torch.Tensor, grad_pre: torch.Tensor, offsets: torch.Tensor,
+                           sae_in: torch.Tensor, grad_x_hat: torch.Tensor) -> None:
+        """``W_enc``'s, ``b_enc``'s and ``b_dec``'s gradients from sparse entries grouped by latent: entry e
+        (token ``tokens[e]``, pre-activation gradient ``grad_pre[e]``) adds ``grad_pre[e] * sae_in[tokens[e]]``
+        to its latent's encoder column and ``grad_pre[e]`` to its bias; ``b_dec``'s is ``sum(dL/dx_hat)``, less
+        ``W_enc @ dL/db_enc`` when ``b_dec`` is subtracted from the input."""
+        sae = self.sae
+        sae.W_enc.grad = F.embedding_bag(tokens, sae_in, offsets, per_sample_weights=grad_pre,
+                                         mode="sum").t().contiguous()
+        entries = torch.arange(grad_pre.numel(), device=grad_pre.device)
+        grad_b_enc = F.embedding_bag(entries, grad_pre.unsqueeze(1), offsets, mode="sum").squeeze(1)
+        sae.b_enc.grad = grad_b_enc
+        grad_b_dec = grad_x_hat.sum(dim=0)
+        if self.cfg.apply_b_dec_to_input:
+            grad_b_dec -= sae.W_enc.detach() @ grad_b_enc
+        sae.b_dec.grad = grad_b_dec
+
+    @torch.no_grad()
     def _topk_sparse_grads(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`_dense_grads` for TopK without dense ``[batch, d_sae]`` maths after the encoder matmul.
 
@@ -718,7 +742,7 @@ class _Trainer:
         sae = self.sae
         n = x.shape[0]
         sae_in, pre = self._encoder_pre(x)
-        w_enc, w_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
+        w_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
         top_v, top_i = _topk(pre, int(cfg.k))
         with torch.enable_grad():
             top_v.requires_grad_()
@@ -770,16 +794,7 @@ class _Trainer:
         coef = torch.cat([c.detach().reshape(-1) for c in coefs])
         sae.W_dec.grad = F.embedding_bag(dec_rows[order], torch.cat(grad_outputs), offsets,
                                          per_sample_weights=coef[order], mode="sum")
-        grad_pre = grad_pre[order]
-        grad_w_enc_t = F.embedding_bag(tokens[order], sae_in, offsets, per_sample_weights=grad_pre, mode="sum")
-        sae.W_enc.grad = grad_w_enc_t.t().contiguous()
-        entries = torch.arange(grad_pre.numel(), device=x.device)
-        grad_b_enc = F.embedding_bag(entries, grad_pre.unsqueeze(1), offsets, mode="sum").squeeze(1)
-        sae.b_enc.grad = grad_b_enc
-        grad_b_dec = grad_outputs[0].sum(dim=0)
-        if cfg.apply_b_dec_to_input:
-            grad_b_dec -= w_enc @ grad_b_enc
-        sae.b_dec.grad = grad_b_dec
+        self._set_encoder_grads(tokens[order], grad_pre[order], offsets, sae_in, grad_outputs[0])
 
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         positive = top_v.detach() > 0
@@ -803,11 +818,10 @@ class _Trainer:
         an eighth of the latents fire (the first steps), the dense step is faster and is taken instead
         (measured on SmolLM2's residual, d_sae 2304: 65 vs 175 ms at L0 65, 218 vs 236 ms at L0 493).
         """
-        cfg = self.cfg
         sae = self.sae
         n = x.shape[0]
         sae_in, pre = self._encoder_pre(x)
-        w_enc, w_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
+        w_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
         rows, lat = (pre > 0).nonzero(as_tuple=True)  # row-major: entries sorted by row
         if rows.numel() > n * self.d_sae // 8:  # early in training: dense maths is faster
             with torch.enable_grad():
@@ -833,15 +847,7 @@ class _Trainer:
         sum_z = F.embedding_bag(entries, v[order].unsqueeze(1), offsets, mode="sum").squeeze(1)
         grad_w_dec += (sum_z * (c / n) / dec_norm.clamp_min(1e-12)).unsqueeze(1) * w_dec
         sae.W_dec.grad = grad_w_dec
-        grad_pre = grad_pre[order]
-        sae.W_enc.grad = F.embedding_bag(rows[order], sae_in, offsets, per_sample_weights=grad_pre,
-                                         mode="sum").t().contiguous()
-        grad_b_enc = F.embedding_bag(entries, grad_pre.unsqueeze(1), offsets, mode="sum").squeeze(1)
-        sae.b_enc.grad = grad_b_enc
-        grad_b_dec = grad_out.sum(dim=0)
-        if cfg.apply_b_dec_to_input:
-            grad_b_dec -= w_enc @ grad_b_enc
-        sae.b_dec.grad = grad_b_dec
+        self._set_encoder_grads(rows[order], grad_pre[order], offsets, sae_in, grad_out)
 
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[lat] = True
@@ -921,9 +927,10 @@ class _Trainer:
             order, offsets = _group_by_latent(lat, m)
             ftf += F.embedding_bag(rows[order], z, offsets, per_sample_weights=vals[order], mode="sum").double()
             ftx += F.embedding_bag(rows[order], x, offsets, per_sample_weights=vals[order], mode="sum").double()
+            xd = x.double()
             sum_f += z.double().sum(dim=0)
-            sum_x += x.double().sum(dim=0)
-            sq_x += x.double().pow(2).sum().item()
+            sum_x += xd.sum(dim=0)
+            sq_x += xd.pow(2).sum().item()
             n += x.shape[0]
         if n == 0:
             raise SAEError("no activations to refit the decoder on")
@@ -932,7 +939,8 @@ class _Trainer:
         idx = alive.nonzero().squeeze(1)
         if idx.numel() == 0:
             return {"refit_mse_before": mse_before / n, "refit_mse_after": mse_before / n}
-        cov = ftf[idx][:, idx] - n * torch.outer(mf[idx], mf[idx])
+        gram = ftf[idx][:, idx]
+        cov = gram - n * torch.outer(mf[idx], mf[idx])
         cross = ftx[idx] - n * torch.outer(mf[idx], mx)
         lam = ridge * torch.diagonal(cov).mean().clamp_min(1e-12)
         d_new = torch.linalg.solve(cov + lam * torch.eye(idx.numel(), dtype=cov.dtype, device=dev), cross)
@@ -940,7 +948,7 @@ class _Trainer:
         # in-sample SSE of the new fit from the moments: sum ||x||² - 2 <W, FᵀX'> + <W, Gram W> with the
         # affine design [F, 1] and weights W = [D; b]
         sse = (sq_x - 2 * (d_new * ftx[idx]).sum() - 2 * (b_new * sum_x).sum()
-               + (d_new * (ftf[idx][:, idx] @ d_new)).sum() + 2 * (b_new * (sum_f[idx] @ d_new)).sum()
+               + (d_new * (gram @ d_new)).sum() + 2 * (b_new * (sum_f[idx] @ d_new)).sum()
                + n * b_new.pow(2).sum()).item()
         old_norm = sae.W_dec.detach().double()[idx].norm(dim=1)
         c = d_new.norm(dim=1) / old_norm.clamp_min(1e-12)
@@ -971,7 +979,7 @@ class _Trainer:
             metadata={"trained_by": "trace", "training": cfg.to_dict(), "norm_scaling_factor": self.scale, **extra},
         )
         if cfg.architecture == "relu":
-            out_cfg.metadata["final_l1_coefficient"] = cfg.l1_coefficient * math.exp(self.l1_log_scale)
+            out_cfg.metadata["final_l1_coefficient"] = self.final_l1_coefficient
         if self.refit:
             out_cfg.metadata["decoder_refit"] = dict(self.refit)
         sae = SAE(out_cfg)
@@ -1228,7 +1236,7 @@ def _log(trainer: _Trainer, t0: float, resumed_from: int, total_steps: int | Non
         **trainer.refit,
     }
     if trainer.cfg.architecture == "relu":
-        log["final_l1_coefficient"] = trainer.cfg.l1_coefficient * math.exp(trainer.l1_log_scale)
+        log["final_l1_coefficient"] = trainer.final_l1_coefficient
     for k, v in trainer.last.items():
         log[f"final_{k}"] = v
     return log
