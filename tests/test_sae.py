@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -229,6 +230,56 @@ def test_save_folds_scaling_factor_unless_asked_not_to(tmp_path: Path):
     assert sae.cfg.input_scale == 3.0  # the caller's SAE is untouched
     assert torch.allclose(folded.encode(x), sae.encode(x), atol=1e-5)
     assert torch.allclose(folded(x), sae(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- content hash
+def _changed(sae: SAE, name: str, delta: float = 0.25) -> SAE:
+    """A copy of ``sae`` with one entry of parameter ``name`` moved by ``delta``."""
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        getattr(out, name).view(-1)[0] += delta
+    return out
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_content_hash_covers_every_weight_and_the_encode_config(arch: str):
+    """Equal SAEs hash alike; a change to any weight -- b_enc and threshold included, with W_enc equal (what the
+    old W_enc-only identity could not tell apart) -- or to what encode/decode read changes the hash."""
+    sae = random_sae(arch)
+    h = sae.content_hash()
+    assert len(h) == 64 and h == random_sae(arch).content_hash() == copy.deepcopy(sae).content_hash()
+    names = PARAMS + (("threshold",) if arch == "jumprelu" else ())
+    hashes = {h}
+    for name in names:
+        other = _changed(sae, name)
+        assert torch.equal(other.W_enc, sae.W_enc) == (name != "W_enc")
+        hashes.add(other.content_hash())
+    assert len(hashes) == len(names) + 1
+    assert SAE(SAEConfig(**{**sae.cfg.to_dict(), "apply_b_dec_to_input": False})).content_hash() != \
+        SAE(sae.cfg).content_hash()
+    scaled = copy.deepcopy(sae)
+    scaled.cfg.normalize_activations, scaled.cfg.norm_scaling_factor = "expected_average_only_in", 2.0
+    assert scaled.content_hash() != h
+    assert copy.deepcopy(sae).to(torch.float64).content_hash() != h  # another dtype encodes differently
+    if arch == "topk":
+        other = copy.deepcopy(sae)
+        other.cfg.k = 4
+        assert other.content_hash() != h
+    # what encode/decode do not read is left out
+    renamed = copy.deepcopy(sae)
+    renamed.cfg.hook_name, renamed.cfg.model_name, renamed.cfg.metadata = "blocks.0.hook_resid_pre", "x", {"a": 1}
+    assert renamed.content_hash() == h
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_content_hash_survives_a_saelens_round_trip(arch: str, tmp_path: Path):
+    sae = random_sae(arch, metadata={"note": "hello"})
+    assert load_sae(save_sae(sae, tmp_path / "sae")).content_hash() == sae.content_hash()
+    # a scaling factor is folded on save: the copy hashes like the folded SAE
+    scaled = random_sae(arch, normalize_activations="expected_average_only_in", norm_scaling_factor=3.0)
+    back = load_sae(save_sae(scaled, tmp_path / "scaled"))
+    assert back.content_hash() == copy.deepcopy(scaled).fold_scaling_factor().content_hash()
+    assert back.content_hash() != scaled.content_hash()
 
 
 def write_sparsify(folder: Path, sae: SAE, **cfg_extra) -> None:

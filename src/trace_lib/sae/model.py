@@ -23,6 +23,8 @@ undone inside ``decode``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -188,6 +190,31 @@ class SAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
+
+    def content_hash(self) -> str:
+        """sha256 (64 hex digits) of everything that fixes what ``encode`` and ``decode`` compute.
+
+        Hashed in a fixed order: a JSON header of architecture, d_in, d_sae, k (topk only), the effective
+        input scale (:attr:`SAEConfig.input_scale`), apply_b_dec_to_input and the parameters' dtype; then for
+        each of ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold`` (jumprelu) its name, shape and
+        float32 C-contiguous bytes. Names, hooks and metadata are left out, so an SAE and its SAELens-format
+        copy hash alike (``save_sae`` folds an input scaling factor into the weights, which changes them),
+        and SAEs differing in any weight (biases and thresholds included) differ. Use it wherever a cache or
+        a check keys on an SAE.
+        """
+        c = self.cfg
+        header = {"architecture": c.architecture, "d_in": c.d_in, "d_sae": c.d_sae,
+                  "k": c.k if c.architecture == "topk" else None, "input_scale": c.input_scale,
+                  "apply_b_dec_to_input": bool(c.apply_b_dec_to_input), "dtype": dtype_to_str(self.dtype)}
+        h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            w = t.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}:{list(w.shape)}".encode())
+            h.update(w.numpy().tobytes())
+        return h.hexdigest()
 
     def extra_repr(self) -> str:
         c = self.cfg
