@@ -282,6 +282,27 @@ def test_content_hash_survives_a_saelens_round_trip(arch: str, tmp_path: Path):
     assert back.content_hash() != scaled.content_hash()
 
 
+def test_checkpoint_from_another_init_from_sae_is_refused(tmp_path: Path):
+    """The training key holds the starting SAE's content hash: an init_from SAE differing only in b_enc (or a
+    JumpReLU threshold) gives another key and its checkpoint is refused; an equal copy resumes."""
+    from trace_lib.sae.training.trainer import training_key
+
+    x, _ = sparse_data(n=1000, d=16, m=32)
+    for arch in ("relu", "jumprelu"):
+        init = random_sae(arch, d_in=16, d_sae=32)
+        cfg = SAETrainingConfig(architecture=arch, d_sae=32, epochs=1, **FAST)
+        key = training_key(cfg, 16, init)
+        assert key == training_key(cfg, 16, copy.deepcopy(init)) != training_key(cfg, 16, None)
+        names = ("b_enc", "threshold") if arch == "jumprelu" else ("b_enc",)
+        assert all(training_key(cfg, 16, _changed(init, name)) != key for name in names)
+    folder = tmp_path / "ckpt"
+    train_sae(x, cfg, HOOK, checkpoint_dir=folder, progress=False, max_steps=2, init_from=init)
+    with pytest.raises(SAEError, match="different training config"):
+        train_sae(x, cfg, HOOK, checkpoint_dir=folder, progress=False, init_from=_changed(init, "b_enc"))
+    _, log = train_sae(x, cfg, HOOK, checkpoint_dir=folder, progress=False, init_from=copy.deepcopy(init))
+    assert log["resumed_from_step"] == 2
+
+
 def write_sparsify(folder: Path, sae: SAE, **cfg_extra) -> None:
     """A sparsify-format folder equivalent to a topk SAE with apply_b_dec_to_input=True."""
     folder.mkdir(parents=True)
@@ -480,7 +501,7 @@ def test_topk_training_recovers_ground_truth():
 def test_decoder_refit_is_the_least_squares_decoder_and_keeps_the_codes():
     """refit_decoder against an independent least-squares solve on the same codes (torch.linalg.lstsq on the
     design [F, 1]): same reconstruction; the latents that fire are the same and each code is only rescaled."""
-    from trace_lib.sae.train import _Trainer
+    from trace_lib.sae.training import SAETrainer as _Trainer
 
     x, _ = sparse_data(n=3000, d=16, m=32)
     cfg = SAETrainingConfig(architecture="relu", d_sae=48, epochs=2, l1_coefficient=2.0, **FAST)
@@ -742,7 +763,7 @@ def test_geometric_median_resists_outliers():
 # ---------------------------------------------------------------------------------------------- fast TopK path
 @pytest.mark.parametrize("shape", [(1024, 2304, 64), (100, 256, 8), (7, 100, 3), (5, 64, 32), (3, 48, 1)])
 def test_chunked_topk_selects_what_torch_topk_selects(shape):
-    from trace_lib.sae.train import _topk
+    from trace_lib.sae.training.steps import chunked_topk as _topk
 
     n, m, k = shape
     pre = torch.randn(n, m, generator=torch.Generator().manual_seed(m))
@@ -767,7 +788,7 @@ def test_sparse_decoder_equals_dense_decode():
 
 
 def _trainer_pair(apply_b_dec: bool, dead: int, seed: int = 0):
-    from trace_lib.sae.train import _Trainer
+    from trace_lib.sae.training import SAETrainer as _Trainer
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 32, generator=g) * torch.linspace(0.2, 3.0, 32) + 0.5
@@ -810,7 +831,7 @@ def test_sparse_topk_step_matches_dense_reference(apply_b_dec: bool, dead: int):
 @pytest.mark.parametrize("step", [0, 9])  # inside the L1 warm-up (coefficient 1/5 of its value) and after it
 @pytest.mark.parametrize("bias", [-8.0, 3.0])  # L0 below d_sae/8 (sparse maths) and above (the dense fallback)
 def test_sparse_relu_step_matches_dense_reference(apply_b_dec: bool, step: int, bias: float):
-    from trace_lib.sae.train import _Trainer
+    from trace_lib.sae.training import SAETrainer as _Trainer
 
     torch.manual_seed(3)
     x = torch.randn(600, 32) * 2 + 0.5

@@ -1,11 +1,12 @@
 """Sparse autoencoders: read a model's residual stream as sparse, (hopefully) interpretable latents.
 
 * :class:`SAE` / :class:`SAEConfig` -- one module for ReLU, TopK and JumpReLU SAEs with SAELens parameter
-  names and encode semantics (:mod:`trace_lib.sae.model`).
+  names and encode semantics (:mod:`trace_lib.sae.model`); ``SAE.content_hash()`` identifies an SAE for
+  caches and checks. JumpReLU's straight-through estimators: :mod:`trace_lib.sae.jumprelu`.
 * :func:`save_sae`, :func:`load_sae`, :func:`load_sae_dir`, :func:`check_sae_fits` -- SAELens folders (read and
   write) and EleutherAI sparsify folders (read) (:mod:`trace_lib.sae.io`).
 * :func:`train_sae` / :class:`SAETrainingConfig` -- deterministic, checkpointed training
-  (:mod:`trace_lib.sae.train`).
+  (:mod:`trace_lib.sae.training`).
 * :func:`evaluate_sae` and the metric functions -- SAELens definitions (:mod:`trace_lib.sae.quality`).
 
 See ``docs/sae.md``.
@@ -24,7 +25,7 @@ from trace_lib.sae.quality import (
     feature_frequencies,
     mean_l0,
 )
-from trace_lib.sae.train import SAETrainingConfig, geometric_median, train_sae
+from trace_lib.sae.training import SAETrainingConfig, geometric_median, train_sae
 
 __all__ = [
     "SAE",

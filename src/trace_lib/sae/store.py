@@ -24,7 +24,7 @@ from trace_lib.sae.io import load_sae, save_sae
 from trace_lib.sae.model import SAE
 from trace_lib.sae.quality import evaluate_sae
 from trace_lib.sae.splice import ce_loss_with_sae
-from trace_lib.sae.train import SAETrainingConfig, train_sae
+from trace_lib.sae.training import SAETrainingConfig, train_sae
 
 TRAINING_DATASETS = ("harmful_refusal_v1", "uncertainty_v1", "safety_warning_v1", "capability_v1")
 
