@@ -12,6 +12,7 @@ drawn from the same filler list. A hand-built ReLU SAE reads, at each hook:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from trace_lib.audit import fingerprint_cache_key
 from trace_lib.capture.prompts import capture_prompts
 from trace_lib.errors import DatasetError, ResultFormatError, SAEError, TraceError
 from trace_lib.fingerprint import (
@@ -27,6 +29,7 @@ from trace_lib.fingerprint import (
     DirectionRecord,
     FeatureRecord,
     SafetyFingerprint,
+    _sae_identity,
     auroc,
     bh_adjust,
     cohens_d_columns,
@@ -35,6 +38,7 @@ from trace_lib.fingerprint import (
 )
 from trace_lib.metrics.directions import diff_in_means, unit
 from trace_lib.models import from_model
+from trace_lib.sae import load_sae, save_sae
 from trace_lib.sae.model import SAE, SAEConfig
 
 from conftest import TINY
@@ -247,6 +251,55 @@ def test_evaluate_held_out(fitted):
     other = CircuitTracer(tracer.loaded, {h: SAE(s.cfg) for h, s in tracer.saes.items()})
     with pytest.raises(SAEError, match="not the one"):
         fp.evaluate(other, {"refusal": prompts(4, "bomb", 21)}, prompts(4, "cake", 22))
+
+
+def _with_bias(sae: SAE, latent: int = 0, delta: float = 0.5) -> SAE:
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        out.b_enc[latent] += delta
+    return out
+
+
+def test_sae_identity_and_cache_keys_cover_biases_and_thresholds(tmp_path):
+    """SAEs equal in W_enc but not in b_enc (or a JumpReLU threshold) get different identities, hence different
+    fingerprint cache keys and fingerprint metadata; equal SAEs, also after a SAELens round trip, get equal ones."""
+    g = torch.Generator().manual_seed(3)
+    relu = SAE(SAEConfig(d_in=32, d_sae=D_SAE, architecture="relu", hook_name=HOOKS[0]))
+    jump = SAE(SAEConfig(d_in=32, d_sae=D_SAE, architecture="jumprelu", hook_name=HOOKS[0]))
+    for sae in (relu, jump):
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.rand(p.shape, generator=g))
+    moved_threshold = copy.deepcopy(jump)
+    with torch.no_grad():
+        moved_threshold.threshold[1] += 0.5
+    for a, b in ((relu, _with_bias(relu)), (jump, _with_bias(jump)), (jump, moved_threshold)):
+        assert torch.equal(a.W_enc, b.W_enc)
+        assert _sae_identity(a)["w_enc_sha256"] == _sae_identity(b)["w_enc_sha256"]  # the old identity
+        assert a.content_hash() != b.content_hash()
+        assert _sae_identity(a) != _sae_identity(b)
+        key_a = fingerprint_cache_key("model", "data", None, {HOOKS[0]: a}, 0)
+        assert key_a != fingerprint_cache_key("model", "data", None, {HOOKS[0]: b}, 0)
+        back = load_sae(save_sae(a, tmp_path / a.cfg.architecture))
+        assert back.content_hash() == a.content_hash() and _sae_identity(back) == _sae_identity(a)
+        assert key_a == fingerprint_cache_key("model", "data", None, {HOOKS[0]: back}, 0)
+        assert key_a == fingerprint_cache_key("model", "data", None, {HOOKS[0]: copy.deepcopy(a)}, 0)
+
+
+def test_evaluate_checks_the_whole_sae(fitted):
+    """An SAE differing from the fitted one only in a bias is refused; a fingerprint written before the content
+    hash (W_enc's hash only) is still checked by W_enc."""
+    tracer, fp = fitted
+    ident = fp.metadata["saes"][HOOKS[0]]
+    assert ident["content_sha256"] == tracer.saes[HOOKS[0]].content_hash()
+    other = CircuitTracer(tracer.loaded, {h: _with_bias(s, PLANTED, 1e-3) for h, s in tracer.saes.items()})
+    with pytest.raises(SAEError, match="not the one.*content hash"):
+        fp.evaluate(other, {"refusal": prompts(4, "bomb", 21)}, prompts(4, "cake", 22))
+    old = SafetyFingerprint.from_dict(fp.to_dict())
+    for entry in old.metadata["saes"].values():
+        del entry["content_sha256"]
+    res = old.evaluate(other, {"refusal": prompts(4, "bomb", 21)}, prompts(4, "cake", 22))
+    assert res["categories"]["refusal"]["n_safety"] == 4
 
 
 def test_positions_post_instruction_vs_all(setup):

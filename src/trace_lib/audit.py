@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from trace_lib.errors import DatasetError, ResultFormatError, SAEError
 from trace_lib.fingerprint import (
     CircuitTracer,
     SafetyFingerprint,
+    _sae_identity,
     fingerprint_from_dataset,
     reduce_prompt_acts,
 )
@@ -388,6 +389,14 @@ def audit_variant(name: str, model_info: dict, ref: PromptActs, var: PromptActs,
                         degradation_threshold=threshold)
 
 
+def fingerprint_cache_key(model_hash: str, dataset_sha256: str, capability_sha256: str | None,
+                          saes: Mapping[str, Any], seed: int) -> str:
+    """The key of a cached reference fingerprint: model, datasets, seed and each SAE's identity (its
+    :meth:`~trace_lib.sae.SAE.content_hash` included, so SAEs differing only in biases or thresholds differ)."""
+    return stable_hash({"model": model_hash, "dataset": dataset_sha256, "capability": capability_sha256,
+                        "saes": {h: _sae_identity(s) for h, s in saes.items()}, "seed": seed})
+
+
 def _dataset_groups(dataset, split: str):
     """Safety groups by behaviour and their baselines, as the fingerprint was fitted (see fingerprint)."""
     from trace_lib.datasets import get_dataset
@@ -462,14 +471,13 @@ class Audit:
                     ) -> SafetyFingerprint:
         """The safety fingerprint fitted on the dataset's train split with the reference (cached)."""
         from trace_lib.datasets import get_dataset
-        from trace_lib.fingerprint import _sae_identity
 
         if self.sae_dict is None:
             self.train_sae()
         ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
-        key = stable_hash({"model": self.reference.content_hash, "dataset": ds.sha256(),
-                           "capability": get_dataset(capability_dataset).sha256() if capability_dataset else None,
-                           "saes": {h: _sae_identity(s) for h, s in self.sae_dict.items()}, "seed": self.seed})
+        key = fingerprint_cache_key(self.reference.content_hash, ds.sha256(),
+                                    get_dataset(capability_dataset).sha256() if capability_dataset else None,
+                                    self.sae_dict, self.seed)
         if key in self._fingerprints:
             return self._fingerprints[key]
         path = cache_dir("fingerprints") / f"{key}.json"

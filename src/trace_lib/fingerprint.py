@@ -250,8 +250,8 @@ class SafetyFingerprint:
     """Selected SAE features and difference-in-means directions of each safety (and capability) category.
 
     ``metadata`` records what is needed to recompute it: model hash and name, hooks, SAE identities
-    (hook, d_sae, architecture, sha256 of ``W_enc``), positions, reduction, prompt counts, the selection
-    parameters, seed and a sha256 of the prompt texts.
+    (hook, d_sae, architecture, :meth:`~trace_lib.sae.SAE.content_hash`, sha256 of ``W_enc``), positions,
+    reduction, prompt counts, the selection parameters, seed and a sha256 of the prompt texts.
     """
 
     categories: list[str]
@@ -362,9 +362,12 @@ class SafetyFingerprint:
                 raise SAEError(f"the tracer has no SAE at {hook}, which the fingerprint uses; pass the same SAEs")
             ident = _sae_identity(tracer.saes[hook])
             want = saes.get(hook)
-            if want and want.get("w_enc_sha256") != ident["w_enc_sha256"]:
-                raise SAEError(f"the SAE at {hook} is not the one the fingerprint was fitted with (W_enc hash "
-                               f"{ident['w_enc_sha256'][:12]} != {str(want.get('w_enc_sha256'))[:12]}); "
+            # the content hash where the fingerprint records one; W_enc's hash in older fingerprints
+            key = "content_sha256" if want and "content_sha256" in want else "w_enc_sha256"
+            if want and want.get(key) != ident[key]:
+                what = "content hash" if key == "content_sha256" else "W_enc hash"
+                raise SAEError(f"the SAE at {hook} is not the one the fingerprint was fitted with ({what} "
+                               f"{ident[key][:12]} != {str(want.get(key))[:12]}); "
                                "feature indices only mean something in the same SAE")
 
     # ---- presentation and files ----------------------------------------------------------------------------
@@ -451,10 +454,15 @@ class SafetyFingerprint:
 
 
 def _sae_identity(sae) -> dict[str, Any]:
+    """What identifies an SAE in fingerprint metadata and in the fingerprint and sweep cache keys: its hook and
+    shape, :meth:`~trace_lib.sae.SAE.content_hash` (every weight, biases and thresholds included) as
+    ``content_sha256``, and the sha256 of ``W_enc`` alone, which fingerprints written before the content
+    hash carry and are checked by."""
     w = sae.W_enc.detach().to("cpu", torch.float32).contiguous()
     return {"hook_name": sae.cfg.hook_name, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
             "architecture": sae.cfg.architecture, "k": sae.cfg.k,
-            "w_enc_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()}
+            "w_enc_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
+            "content_sha256": sae.content_hash()}
 
 
 def _unit_or_zero(v: torch.Tensor) -> torch.Tensor:
