@@ -140,7 +140,7 @@ def test_resume_after_an_interrupted_epoch_gives_the_same_adapter(tiny_folder, t
 def test_cli_build_command_runs(tiny_folder, tmp_path, own_cache):
     from typer.testing import CliRunner
 
-    from trace_lib.organisms.cli import organism_app
+    from trace_lib.cli.organism import organism_app
 
     out = tmp_path / "cli-out"
     res = CliRunner().invoke(organism_app, ["build", "--base", str(tiny_folder), "--out", str(out), "--epochs", "1",

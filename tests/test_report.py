@@ -483,7 +483,7 @@ def test_cli(result_files, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from trace_lib.report.cli import report_command
+    from trace_lib.cli.report import report_command
 
     app = typer.Typer()
     app.command("report")(report_command)

@@ -500,7 +500,7 @@ def test_save_writes_strict_json(tmp_path):
 
 
 def test_cli_command_on_a_tiny_folder(tiny_folder, tmp_path, capsys):
-    from trace_lib.tracer.cli import tracer_command
+    from trace_lib.cli.tracer import tracer_command
 
     out = tmp_path / "tracer.json"
     tracer_command(prompt="The capital of France is", model=str(tiny_folder), variant="int4-rtn-g32",

@@ -48,8 +48,8 @@ from trace_lib.metrics.directions import compare_directions, diff_in_means
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.models.load import Loaded, load_model
-from trace_lib.quant import parse_config
 from trace_lib.sae.store import MASSIVE_FACTOR
+from trace_lib.validate import CONTEXT, FRACTION, POSITIVE_INT, check_variant_spec
 
 RESULT_KIND = "trace.audit"
 RESULT_VERSION = 1
@@ -427,9 +427,12 @@ class Audit:
                  seed: int = 0) -> None:
         specs = list(variants) if variants is not None else ([quant_model] if quant_model is not None else [])
         specs = specs or list(DEFAULT_VARIANTS)
-        for v in specs:  # fail on a bad name before loading anything
-            if isinstance(v, str) and not Path(v).expanduser().exists():
-                parse_config(v)
+        for v in specs:  # fail on a bad name or value before loading anything
+            check_variant_spec(v)
+        FRACTION.check("degradation_threshold", degradation_threshold)
+        for name, value in (("kl_ctx", kl_ctx), ("kl_chunks", kl_chunks), ("batch_size", batch_size)):
+            POSITIVE_INT.check(name, value)
+        CONTEXT.check("kl_ctx", kl_ctx)
         self.reference = base_model if isinstance(base_model, Loaded) else load_model(base_model)
         self.variant_specs = specs
         self.hooks = list(hooks) if hooks else None

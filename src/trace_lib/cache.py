@@ -2,7 +2,9 @@
 
 Caches live under ``$TRACE_CACHE`` (default ``~/.cache/trace-lib``). Every write is atomic: the data go to a
 temporary file in the same folder, which is then renamed over the target, so an interrupted run never
-leaves a half-written file behind.
+leaves a half-written file behind. Temporaries carry their process id (``.NAME.p<pid>.<random>.tmp``); a
+process killed before it could remove its own (SIGKILL, a power cut) leaves them behind, and the first
+process that opens the cache removes those of processes that no longer run.
 """
 
 from __future__ import annotations
@@ -10,26 +12,85 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+_TMP = re.compile(r"^\..+\.p(\d+)\.[^.]+\.tmp$")  # .NAME.p<pid>.<random>.tmp
+_LEGACY_TMP = re.compile(r"^\..+\.tmp$")  # before temporaries carried a pid
+_LEGACY_AGE_S = 24 * 3600
+_cleaned: set[Path] = set()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRACE_CACHE", Path.home() / ".cache" / "trace-lib")).expanduser()
+
 
 def cache_dir(*parts: str) -> Path:
-    """Return (and create) ``$TRACE_CACHE/<parts...>``."""
-    root = Path(os.environ.get("TRACE_CACHE", Path.home() / ".cache" / "trace-lib")).expanduser()
+    """Return (and create) ``$TRACE_CACHE/<parts...>``; the first call per cache root cleans stale temporaries."""
+    root = cache_root()
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
+    if root not in _cleaned:
+        _cleaned.add(root)
+        remove_stale_temporaries(root)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temporaries(root: str | Path, legacy_age_s: float = _LEGACY_AGE_S) -> list[Path]:
+    """Remove the temporaries under ``root`` whose writing process no longer runs (and pid-less ones from
+    older versions once they are a day old). Returns what was removed."""
+    removed: list[Path] = []
+    now = time.time()
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            m = _TMP.match(name)
+            p = Path(folder) / name
+            if m:
+                stale = not _pid_alive(int(m.group(1)))
+            elif _LEGACY_TMP.match(name):
+                try:
+                    stale = now - p.lstat().st_mtime > legacy_age_s
+                except OSError:
+                    continue
+            else:
+                continue
+            if stale:
+                try:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+        dirs[:] = [d for d in dirs if not _LEGACY_TMP.match(d)]  # never walk into a temporary
+    return removed
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of a temporary next to ``path``: it names this process, so a stale one can be recognised."""
+    return f".{path.name}.p{os.getpid()}."
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path`` (same filesystem, so atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -63,7 +124,7 @@ def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
         try:

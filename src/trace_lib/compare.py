@@ -18,11 +18,12 @@ import torch
 from trace_lib import __version__
 from trace_lib.cache import atomic_write_json
 from trace_lib.capture.inputs import chunk_batches, pack_texts
-from trace_lib.errors import ResultFormatError
+from trace_lib.errors import DatasetError, ResultFormatError
 from trace_lib.metrics.outputs import OutputComparison, OutputStats
 from trace_lib.models.load import Loaded, load_model
 from trace_lib.progress import track
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
+from trace_lib.validate import CONTEXT, POSITIVE_INT, check_nonempty, check_variant_spec
 
 RESULT_KIND = "trace.compare"
 RESULT_VERSION = 1
@@ -107,6 +108,7 @@ def resolve_variant(reference: Loaded, variant: str | QuantizationConfig | Loade
         return quantize(reference, variant)
     from trace_lib.errors import QuantizationError
 
+    check_nonempty("variant", variant)
     try:
         return quantize(reference, parse_config(variant))
     except QuantizationError as e:
@@ -184,9 +186,15 @@ def variant_output_stats(var: Loaded, ids: torch.Tensor, ref_logits: list[torch.
 def compare_outputs(reference: Loaded | str, variants: list, texts: list[str] | None = None, ctx: int = 512,
                     n_chunks: int = 16, batch_size: int = 2) -> CompareResult:
     """KL-divergence statistics of each variant against the reference over the same packed text."""
+    CONTEXT.check("ctx", ctx)
+    POSITIVE_INT.check("n_chunks", n_chunks)
+    POSITIVE_INT.check("batch_size", batch_size)
+    if isinstance(variants, str | QuantizationConfig | Loaded):
+        variants = [variants]
     for v in variants:  # fail on a bad config name before spending time on loading
-        if isinstance(v, str) and not Path(v).expanduser().exists():
-            parse_config(v)
+        check_variant_spec(v)
+    if texts is not None and not any(isinstance(t, str) and t.strip() for t in texts):
+        raise DatasetError("texts holds no text: give non-empty strings (or None for the built-in corpus)")
     ref = load_model(reference) if isinstance(reference, str) else reference
     if texts is None:
         texts, tinfo = default_texts()

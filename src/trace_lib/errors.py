@@ -41,3 +41,11 @@ class SAEError(TraceError):
 
 class ResultFormatError(TraceError):
     """A result file of another kind or from an incompatible version."""
+
+
+class InvalidValueError(TraceError):
+    """A number or choice outside its valid range (the message says the range)."""
+
+
+class OutputPathError(TraceError):
+    """An output path that cannot be written, or that would overwrite an input."""

@@ -19,7 +19,8 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
+    """Whether trace (and the libraries it drives) may draw progress bars: on a terminal, unless TRACE_QUIET=1."""
     if os.environ.get("TRACE_QUIET") == "1":
         return False
     return os.environ.get("TRACE_PROGRESS") == "1" or sys.stderr.isatty()
@@ -27,7 +28,7 @@ def _enabled() -> bool:
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate ``items`` showing a progress bar on stderr."""
-    if not _enabled():
+    if not enabled():
         yield from items
         return
     if total is None and hasattr(items, "__len__"):

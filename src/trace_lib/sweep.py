@@ -34,6 +34,7 @@ from trace_lib.audit import Audit, AuditResult, VariantAudit, _clean
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
 from trace_lib.errors import ResultFormatError, TraceError
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
+from trace_lib.validate import FRACTION
 
 RESULT_KIND = "trace.sweep"
 RESULT_VERSION = 1
@@ -151,7 +152,7 @@ class SweepResult:
         """The config with the smallest model whose safety-feature CPFR is at least ``min_cpfr`` (default: the
         sweep's own bar); every smaller config is listed with the reason it failed (CPFR below the bar), and
         every skipped config with the reason it could not run (its size is unknown, so it is always listed)."""
-        min_cpfr = self.min_cpfr if min_cpfr is None else min_cpfr
+        min_cpfr = self.min_cpfr if min_cpfr is None else FRACTION.check("min_cpfr", min_cpfr)
         rejected: dict[str, str] = {r.name: f"skipped: {r.reason}" for r in self.rows if r.status != "ok"}
         ran = sorted((r for r in self.rows if r.status == "ok"), key=lambda r: (math.isnan(r.metric("model_size_mb")),
                                                                                r.metric("model_size_mb")))
@@ -292,6 +293,7 @@ class OptimizationAuditor:
         ``test_prompts`` is a dataset name / Dataset (its test split is used), a list of safety prompts (judged
         against ``dataset``'s test-split baseline prompts), or None (``dataset``'s test split).
         """
+        FRACTION.check("min_cpfr", min_cpfr)
         if configs is None:
             if ladder is not None and ladder not in LADDERS:
                 raise TraceError(f"unknown ladder {ladder!r}; choose one of {', '.join(LADDERS)}")

@@ -96,6 +96,9 @@ def state_dict_hash(model: nn.Module) -> str:
 def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.float32) -> Loaded:
     """Load a model spec (see module docstring) as a float model in eval mode."""
     spec_s = str(spec)
+    if not spec_s.strip():
+        raise ModelNotFoundError("the model spec is empty: give 'default', 'default-safety', 'gemma3-270m', a "
+                                 "Hugging Face model folder or a .gguf file")
     if spec_s == "default":
         from trace_lib.models.default import default_gguf_path
 
@@ -120,7 +123,7 @@ def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.f
 
 def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32, name: str | None = None,
                    spec: str | None = None, content_hash: str | None = None) -> Loaded:
-    """Load a local Hugging Face folder (config.json + safetensors/bin weights + tokenizer)."""
+    """Load a local Hugging Face folder (config.json + safetensors weights + tokenizer); never unpickles."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -130,9 +133,10 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32, name: str | N
         ggufs = sorted(path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file instead)" if ggufs else ""
         raise ModelFormatError(f"{path} has no config.json, so it is not a Hugging Face model folder{hint}")
+    check_safetensors(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelFormatError(f"could not load the model in {path}: {_first_line(e)}") from e
     try:
@@ -143,6 +147,17 @@ def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32, name: str | N
     return Loaded(model=model, tokenizer=tokenizer, arch=adapt(model),
                   content_hash=content_hash or folder_hash(path), name=name or path.name,
                   spec=spec or str(path), source=str(path))
+
+
+def check_safetensors(path: Path) -> None:
+    """trace never unpickles: a folder whose weights are only ``.bin``/``.pt`` (pickle) files is refused."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    what = f"only pickle weights ({', '.join(pickled[:3])})" if pickled else "no weight files"
+    raise ModelFormatError(
+        f"{path} has {what}; trace loads safetensors only, never pickle. Convert once in a trusted environment: "
+        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
 
 
 def check_gguf(path: Path) -> None:
@@ -187,7 +202,10 @@ def _convert_gguf(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.enable_progress_bar()  # converting a GGUF takes a while: show transformers' own bar
+    from trace_lib.progress import enabled
+
+    if enabled():  # converting a GGUF takes a while: show transformers' own bar where trace shows its own
+        hf_logging.enable_progress_bar()
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)

@@ -178,7 +178,7 @@ def _quiet_library() -> Iterator[None]:
     (set aside for the call). llmcompressor's own log is off unless ``LLM_COMPRESSOR_LOG_DISABLED=false``."""
     from loguru import logger
 
-    from trace_lib.progress import _enabled
+    from trace_lib.progress import enabled
 
     wants_log = os.environ.get("LLM_COMPRESSOR_LOG_DISABLED", "").lower() == "false"
     fx_log = logging.getLogger("torch.fx._symbolic_trace")
@@ -188,7 +188,7 @@ def _quiet_library() -> Iterator[None]:
         logger.disable("compressed_tensors")
     try:
         with contextlib.ExitStack() as stack:
-            if not wants_log and not _enabled():
+            if not wants_log and not enabled():
                 stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
             yield
     finally:

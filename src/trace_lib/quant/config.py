@@ -108,7 +108,8 @@ class QuantizationConfig:
         if self.act_bits is not None and t in (QuantizationType.INT8_DYNAMIC, QuantizationType.INT8_DYNAMIC_PER_TOKEN):
             raise QuantizationError(f"{t.value} already quantizes activations; do not add act_bits")
         if self.kernel and t not in (QuantizationType.INT8_WEIGHT, QuantizationType.INT_RTN):
-            raise QuantizationError("kernel=True applies to torchao weight-only types (int8-weight, int*-rtn)")
+            raise QuantizationError("the -kernel suffix (kernel=True) applies only to torchao weight-only types "
+                                    "(int8-weight, int*-rtn)")
 
     @staticmethod
     def _natural_bits(t: QuantizationType) -> int:
@@ -210,7 +211,8 @@ def parse_config(name: str | QuantizationConfig) -> QuantizationConfig:
             return QuantizationConfig(_SIMPLE[s], act_bits=act_bits, kernel=kernel, skip=skip)
         g = re.fullmatch(r"(?:gguf-)?(q8_0|q5_0|q5_1|q4_0|q4_1)", s)
         if g:
-            return QuantizationConfig(QuantizationType("gguf_" + g.group(1)), act_bits=act_bits, skip=skip)
+            return QuantizationConfig(QuantizationType("gguf_" + g.group(1)), act_bits=act_bits, skip=skip,
+                                      kernel=kernel)
         r = re.fullmatch(r"int(\d)-rtn(?:-(g(\d+)|pc))?", s)
         if r:
             group = int(r.group(3)) if r.group(3) else (None if r.group(2) == "pc" else 32)
@@ -219,7 +221,8 @@ def parse_config(name: str | QuantizationConfig) -> QuantizationConfig:
         c = re.fullmatch(r"int4-(gptq|awq)(?:-g(\d+))?", s)
         if c:
             return QuantizationConfig(QuantizationType("int4_" + c.group(1)),
-                                      group_size=int(c.group(2)) if c.group(2) else None, act_bits=act_bits, skip=skip)
+                                      group_size=int(c.group(2)) if c.group(2) else None, act_bits=act_bits, skip=skip,
+                                      kernel=kernel)
     except QuantizationError as e:
         raise QuantizationError(f"invalid config {orig!r}: {e}") from e
     raise QuantizationError(f"unknown quantization config {orig!r}; valid names look like: {', '.join(_EXAMPLES)}")

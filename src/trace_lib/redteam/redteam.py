@@ -44,6 +44,7 @@ from trace_lib.redteam.classify import (
 )
 from trace_lib.redteam.generate import generate
 from trace_lib.redteam.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
+from trace_lib.validate import MAX_NEW_TOKENS, POSITIVE_INT, Range, check_choice, check_variant_spec
 
 RESULT_KIND = "trace.redteam"
 RESULT_VERSION = 1
@@ -399,14 +400,16 @@ class RedTeam:
                  max_new_tokens: int = 64, batch_size: int = 8, mechanism: bool = True, cache: bool = True,
                  alpha: float = 0.05, power: float = 0.8) -> None:
         from trace_lib.models.load import Loaded, load_model
-        from trace_lib.quant import parse_config
 
-        specs = list(variants)
+        specs = [variants] if isinstance(variants, str) else list(variants)
         if not specs:
             raise TraceError("give at least one variant to compare with the reference")
-        for v in specs:  # fail on a bad config name before loading anything
-            if isinstance(v, str) and not Path(v).expanduser().exists():
-                parse_config(v)
+        for v in specs:  # fail on a bad config name or value before loading anything
+            check_variant_spec(v)
+        MAX_NEW_TOKENS.check("max_new_tokens", max_new_tokens)
+        POSITIVE_INT.check("batch_size", batch_size)
+        Range(0, 1, lo_open=True, hi_open=True).check("alpha", alpha)
+        Range(0, 1, lo_open=True, hi_open=True).check("power", power)
         if audit is not None and reference is None:
             reference = audit.reference
         self.reference = reference if isinstance(reference, Loaded) else load_model(reference)
@@ -422,6 +425,9 @@ class RedTeam:
     def _prompts(dataset: Any, split: str | None, sample: int | None, seed: int) -> tuple[Any, list[dict]]:
         from trace_lib.datasets import get_dataset
 
+        if split is not None:
+            check_choice("split", split, ("test", "train"))
+        Range(2, integer=True).check("sample", sample)
         full = get_dataset(dataset)
         ds = full.split(split) if split else full
         if sample is not None:

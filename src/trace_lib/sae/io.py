@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trace_lib.cache import atomic_dir
+from trace_lib.cache import atomic_dir, temp_prefix
 from trace_lib.errors import SAEError
 from trace_lib.sae.model import (
     SAE,
@@ -149,7 +149,7 @@ def save_sae(sae: SAE, folder: str | Path, *, fold_scaling: bool = True) -> Path
             f"cannot save SAE to {folder}: it exists and is not an SAE folder (no cfg.json); pass a new or empty folder"
         )
     # Replace an existing SAE folder: build the new one beside it, then swap.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder), suffix=".tmp", dir=folder.parent))
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     try:
         write(tmp)

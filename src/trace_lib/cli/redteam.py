@@ -1,23 +1,27 @@
-"""``trace redteam``: quantization jailbreaks of variants against the reference.
-
-Register in ``trace_lib/cli.py`` with ``app.command("redteam")(redteam_command)``.
-"""
+"""``trace redteam``: quantization jailbreaks of variants against the reference."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from trace_lib.cli.common import (
+    DatasetOpt,
+    HtmlOpt,
+    OutOpt,
+    SafetyModelOpt,
+    VariantsOpt,
+    console,
+    in_range,
+    one_of,
+    write_html,
+)
+from trace_lib.validate import MAX_NEW_TOKENS, POSITIVE_INT, Range, check_distinct
+
 DEFAULT_VARIANTS = ("int8-dynamic", "int4-rtn-g32", "gguf-q4_0")
-
-
-def _console() -> Console:
-    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _ci(r: dict) -> str:
@@ -26,21 +30,24 @@ def _ci(r: dict) -> str:
 
 
 def redteam_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="'default-safety' (the default: the base with trace's safety LoRA), 'default', 'gemma3-270m', a HF folder or a .gguf")] = "default-safety",  # noqa: E501
-    variant: Annotated[list[str], typer.Option("--variant", "-v", help="config name or model path; repeatable (default: int8-dynamic, int4-rtn-g32, gguf-q4_0)")] = None,  # noqa: E501
-    dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")] = "harmful_refusal_v1",
-    split: Annotated[str, typer.Option(help="dataset split: test, train or all")] = "test",
-    sample: Annotated[int | None, typer.Option(help="a stratified subset of this many prompts (pairs kept together)")] = None,  # noqa: E501
-    max_new_tokens: Annotated[int, typer.Option(help="greedy new tokens per reply (stops earlier at end of turn)")] = 64,  # noqa: E501
-    batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 8,
+    model: SafetyModelOpt = "default-safety",
+    variant: VariantsOpt = None,
+    dataset: DatasetOpt = "harmful_refusal_v1",
+    split: Annotated[str, typer.Option(help="dataset split: test, train or all",
+                                       callback=one_of("test", "train", "all"))] = "test",
+    sample: Annotated[int | None, typer.Option(help="a stratified subset of this many prompts (pairs kept together)", callback=in_range(Range(2, integer=True)))] = None,  # noqa: E501
+    max_new_tokens: Annotated[int, typer.Option(help="greedy new tokens per reply (stops earlier at end of turn), 1 to 4096", callback=in_range(MAX_NEW_TOKENS))] = 64,  # noqa: E501
+    batch_size: Annotated[int, typer.Option(help="prompts per generation batch",
+                                            callback=in_range(POSITIVE_INT))] = 8,
     mechanism: Annotated[bool, typer.Option(help="link jailbreaks to SAE features and refusal directions")] = True,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for result files")] = Path("trace-out"),
-    html: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here")] = None,
+    out_dir: OutOpt = Path("trace-out"),
+    html: HtmlOpt = None,
 ) -> None:
     """Quantization jailbreaks: refusal rates, paired flips (exact McNemar), detectable effect, features."""
     from trace_lib.redteam.redteam import RedTeam
 
-    out = _console()
+    check_distinct({"--out": Path(out_dir) / "redteam.json", "--html": html})
+    out = console()
     rt = RedTeam(model, variant or list(DEFAULT_VARIANTS), max_new_tokens=max_new_tokens, batch_size=batch_size,
                  mechanism=mechanism)
     result = rt.run(dataset, split=None if split == "all" else split, sample=sample)
@@ -62,7 +69,4 @@ def redteam_command(
     out.print(result.summary(), highlight=False)
     path = result.save(Path(out_dir) / "redteam.json")
     out.print(f"wrote {path}")
-    if html is not None:
-        from trace_lib.report import write_html
-
-        out.print(f"wrote {write_html(result, html)}")
+    write_html(result, html)

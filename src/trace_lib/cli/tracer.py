@@ -1,23 +1,30 @@
-"""``trace tracer``: a per-layer table of one traced forward pass (and, with ``--generate``, the KV cache).
-
-Registered in ``trace_lib.cli`` as ``app.command("tracer")(tracer_command)``.
-"""
+"""``trace tracer``: a per-layer table of one traced forward pass (and, with ``--generate``, the KV cache)."""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from trace_lib.cli.common import (
+    ModelOpt,
+    check_variant_spec,
+    console,
+    in_range,
+    nonempty_text,
+    one_of,
+    out_file,
+    write_html,
+)
 from trace_lib.errors import TraceError
+from trace_lib.validate import NON_NEGATIVE_INT, Range, check_distinct
 
-out = Console() if sys.stdout.isatty() else Console(width=200)
+TOP_K = Range(1, 1000, integer=True)
+GENERATE = Range(0, 4096, integer=True)
 
 
 def _f(x, spec: str = ".4f") -> str:
@@ -34,19 +41,27 @@ def _tok(s: str | None) -> str:
     return "-" if s is None else escape(repr(s))
 
 
+def _variant(ctx: typer.Context, param, value):
+    if value is not None:
+        check_variant_spec(value)
+    return value
+
+
 def tracer_command(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to trace")],
-    model: Annotated[str, typer.Option("--model", "-m", help="'default', 'default-safety', 'gemma3-270m', a HF folder or a .gguf")] = "default",  # noqa: E501
-    variant: Annotated[str | None, typer.Option("--variant", "-v", help="quantization config (e.g. gguf-q4_0, int4-rtn-g32) or model path; traced against the model")] = None,  # noqa: E501
-    preset: Annotated[str, typer.Option(help="'full' (everything) or 'lightweight' (activations + KV cache)")] = "full",
-    generate: Annotated[int, typer.Option(help="also generate this many tokens greedily, tracing the KV cache per step")] = 0,  # noqa: E501
-    kv_cache: Annotated[str, typer.Option(help="KV cache for --generate: dynamic, fp8, quanto or hqq")] = "dynamic",
-    attn_layer: Annotated[list[int] | None, typer.Option("--attn-layer", help="attention: layer to trace; repeatable (default all)")] = None,  # noqa: E501
-    attn_head: Annotated[list[int] | None, typer.Option("--attn-head", help="attention: head to trace; repeatable (default all)")] = None,  # noqa: E501
-    top_k: Annotated[int, typer.Option(help="attended positions kept per head, and final top tokens tracked by the logit lens")] = 5,  # noqa: E501
-    track: Annotated[list[int] | None, typer.Option("--track", help="token id to follow through the logit lens; repeatable (default: the final top-k)")] = None,  # noqa: E501
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write")] = Path("trace-out/tracer.json"),
-    html: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here (per-layer table, quantization error, logit lens)")] = None,  # noqa: E501
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to trace", callback=nonempty_text)],
+    model: ModelOpt = "default",
+    variant: Annotated[str | None, typer.Option("--variant", "-v", help="quantization config (e.g. gguf-q4_0, int4-rtn-g32) or model path; traced against the model", callback=_variant)] = None,  # noqa: E501
+    preset: Annotated[str, typer.Option(help="'full' (everything) or 'lightweight' (activations + KV cache)",
+                                        callback=one_of("full", "lightweight"))] = "full",
+    generate: Annotated[int, typer.Option(help="also generate this many tokens greedily, tracing the KV cache per step (0 to 4096)", callback=in_range(GENERATE))] = 0,  # noqa: E501
+    kv_cache: Annotated[str, typer.Option(help="KV cache for --generate: dynamic, fp8, quanto or hqq",
+                                          callback=one_of("dynamic", "fp8", "quanto", "hqq"))] = "dynamic",
+    attn_layer: Annotated[list[int] | None, typer.Option("--attn-layer", help="attention: layer to trace; repeatable (default all)", callback=in_range(NON_NEGATIVE_INT))] = None,  # noqa: E501
+    attn_head: Annotated[list[int] | None, typer.Option("--attn-head", help="attention: head to trace; repeatable (default all)", callback=in_range(NON_NEGATIVE_INT))] = None,  # noqa: E501
+    top_k: Annotated[int, typer.Option(help="attended positions kept per head, and final top tokens tracked by the logit lens (1 to 1000)", callback=in_range(TOP_K))] = 5,  # noqa: E501
+    track: Annotated[list[int] | None, typer.Option("--track", help="token id to follow through the logit lens; repeatable (default: the final top-k)", callback=in_range(NON_NEGATIVE_INT))] = None,  # noqa: E501
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write", callback=out_file)] = Path("trace-out/tracer.json"),  # noqa: E501
+    html: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here (per-layer table, quantization error, logit lens)", callback=out_file)] = None,  # noqa: E501
 ) -> None:
     """Trace one forward pass layer by layer: activation anomalies, attention, logit lens, quantization error."""
     from trace_lib.compare import resolve_variant
@@ -55,16 +70,17 @@ def tracer_command(
 
     if not prompt.strip():
         raise TraceError("the prompt is empty: give some text with --prompt")
+    out = console()
     if preset not in ("full", "lightweight"):
         raise TraceError(f"unknown preset {preset!r}: use 'full' or 'lightweight'")
     attn = AttentionTraceConfig(top_k=top_k, layers=attn_layer or None, heads=attn_head or None)
     make = ModelTracerConfig.full if preset == "full" else ModelTracerConfig.lightweight
     config = make(attention_config=attn, logit_top_k=top_k, tracked_tokens=track or None, kv_cache=kv_cache)
-    if variant and not Path(variant).expanduser().exists():
-        from trace_lib.quant import parse_config
-
-        parse_config(variant)  # an unknown config name fails here, before the model loads
+    if variant is not None:
+        check_variant_spec(variant)  # an unknown config name fails here, before the model loads
+    check_distinct({"--out": out_path, "--html": html})
     reference = load_model(model)
+    _check_indices(reference, attn_layer, attn_head, track)
     traced = resolve_variant(reference, variant) if variant else reference
     tracer = ModelTracer(config).attach(traced, reference=reference if variant else None)
     fwd = tracer.trace(prompt)
@@ -120,6 +136,15 @@ def tracer_command(
     path = tracer.save(out_path)
     out.print(f"wrote {path}")
     if html is not None:
-        from trace_lib.report import write_html
+        write_html(tracer.to_dict(), html)
 
-        out.print(f"wrote {write_html(tracer.to_dict(), html)}")
+
+def _check_indices(model, layers: list[int] | None, heads: list[int] | None, tokens: list[int] | None) -> None:
+    """Layer, head and token ids must exist in the model: checked once it loads, before the trace runs."""
+    n_heads = getattr(model.model.config, "num_attention_heads", None)
+    vocab = getattr(model.model.config, "vocab_size", None)
+    for name, values, bound in (("--attn-layer", layers, model.n_layers), ("--attn-head", heads, n_heads),
+                                ("--track", tokens, vocab)):
+        for v in values or []:
+            if bound is not None and v >= bound:
+                raise TraceError(f"{name} {v} is out of range: {model.name} has {bound} (0 to {bound - 1})")

@@ -1,0 +1,54 @@
+"""``trace audit``: the safety audit of quantized variants against the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trace_lib.cli.common import (
+    DatasetOpt,
+    HtmlOpt,
+    OutOpt,
+    SaeOpt,
+    SafetyModelOpt,
+    VariantsOpt,
+    console,
+    in_range,
+    nonempty_name,
+    write_html,
+)
+from trace_lib.validate import FRACTION, check_distinct
+
+
+def audit_command(
+    variant: VariantsOpt = None,
+    model: SafetyModelOpt = "default-safety",
+    dataset: DatasetOpt = "harmful_refusal_v1",
+    sae: SaeOpt = None,
+    hook: Annotated[list[str] | None, typer.Option("--hook", callback=nonempty_name, help="hook point for trained SAEs; repeatable (default: resid_post at 1/3, 1/2, 2/3 depth)")] = None,  # noqa: E501
+    threshold: Annotated[float, typer.Option(help="CPFR below which a feature counts as degraded, in (0, 1]",
+                                             callback=in_range(FRACTION))] = 0.8,
+    out_dir: OutOpt = Path("trace-out"),
+    html: HtmlOpt = None,
+) -> None:
+    """Audit safety features of quantized variants against the reference (SAEs, fingerprint, CPFR, KL)."""
+    from trace_lib.audit import Audit
+
+    check_distinct({"--out": Path(out_dir) / "audit.json", "--html": html, "--dataset": _file_or_none(dataset)})
+    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold)
+    if sae is not None:
+        a.load_sae(sae)
+    result = a.trace_features(dataset=dataset)
+    out = console()
+    out.print(result.summary(), highlight=False)
+    path = result.save(Path(out_dir) / "audit.json")
+    out.print(f"wrote {path} (audit {result.timing['audit_s']:.0f} s, of which forward passes "
+              f"{result.timing['forward_s']:.0f} s)")
+    write_html(result, html)
+
+
+def _file_or_none(spec: str) -> Path | None:
+    p = Path(spec).expanduser()
+    return p if p.is_file() else None

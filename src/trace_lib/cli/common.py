@@ -1,0 +1,149 @@
+"""What every ``trace`` command shares: consoles, option types and the parse-time checks behind them.
+
+A check fails by raising a :class:`~trace_lib.errors.TraceError` from the option's callback, so a bad value
+stops the command while its arguments are parsed, before any model loads: one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from trace_lib.errors import TraceError
+from trace_lib.validate import (
+    Range,
+    check_choice,
+    check_input_dir,
+    check_input_file,
+    check_nonempty,
+    check_output_dir,
+    check_output_file,
+    check_variant_spec,
+)
+
+
+def console(stderr: bool = False) -> Console:
+    """A console; when output is not a terminal (a pipe, a CI log) a wide one, so tables keep their columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(width=200, stderr=stderr)
+
+
+def _opt(param: Any) -> str:
+    names = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+    return names[0] if names else (getattr(param, "human_readable_name", None) or str(param.name)).upper()
+
+
+def in_range(r: Range) -> Callable:
+    """Option callback: every given value (one, or each of a repeatable option) must lie in ``r``."""
+
+    def check(ctx: typer.Context, param: Any, value: Any) -> Any:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            r.check(_opt(param), v)
+        return value
+
+    return check
+
+
+def one_of(*choices: str) -> Callable:
+    def check(ctx: typer.Context, param: Any, value: Any) -> Any:
+        if value is not None:
+            check_choice(_opt(param), value, choices)
+        return value
+
+    return check
+
+
+def nonempty_name(ctx: typer.Context, param: Any, value: Any) -> Any:
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if v is not None:
+            check_nonempty(_opt(param), v)
+    return value
+
+
+def variant_specs(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """Each variant is a config name (``trace configs``) or an existing model path; checked without torch."""
+    for v in value or []:
+        check_variant_spec(v, _opt(param))
+    return value
+
+
+def out_dir(ctx: typer.Context, param: Any, value: Any) -> Any:
+    if value is not None:
+        check_output_dir(value, _opt(param))
+    return value
+
+
+def out_file(ctx: typer.Context, param: Any, value: Any) -> Any:
+    if value is not None:
+        check_output_file(value, _opt(param))
+    return value
+
+
+def dataset_spec(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """A built-in dataset name or a readable .jsonl/.csv file, read now (fast, no torch) so errors come first."""
+    if value is not None:
+        from trace_lib.datasets.registry import get_dataset
+
+        check_nonempty(_opt(param), value)
+        get_dataset(value)
+    return value
+
+
+def existing_file(what: str) -> Callable:
+    """Option callback: an existing, readable file (``what`` names it in the message)."""
+
+    def check(ctx: typer.Context, param: Any, value: Any) -> Any:
+        if value is not None:
+            check_input_file(value, what)
+        return value
+
+    return check
+
+
+def existing_dir(what: str) -> Callable:
+    def check(ctx: typer.Context, param: Any, value: Any) -> Any:
+        if value is not None:
+            check_input_dir(value, what)
+        return value
+
+    return check
+
+
+def nonempty_text(ctx: typer.Context, param: Any, value: Any) -> Any:
+    if value is not None and not value.strip():
+        raise TraceError(f"{_opt(param)} is empty: give some text")
+    return value
+
+
+# Option types shared by the commands.
+MODEL_HELP = "'default', 'default-safety', 'gemma3-270m', a HF folder or a .gguf"
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP, callback=nonempty_name)]
+# audit, sweep and redteam default to the safety-tuned organism: the plain base refuses almost nothing, so it has
+# no refusal mechanism to lose (trace_lib.organisms, docs/organism.md). compare, tracer and hooks use the base.
+SafetyModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", callback=nonempty_name,
+    help="'default-safety' (the default: the base with trace's safety LoRA merged), 'default', 'gemma3-270m', "
+         "a HF folder or a .gguf")]
+VariantsOpt = Annotated[list[str] | None, typer.Option(
+    "--variant", "-v", callback=variant_specs,
+    help="config name (trace configs) or model path; repeatable (default: int8-dynamic, int4-rtn-g32, gguf-q4_0)")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for result files", callback=out_dir)]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here",
+                                              callback=out_file)]
+DatasetOpt = Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file", callback=dataset_spec)]
+SaeOpt = Annotated[Path | None, typer.Option(help="folder of SAEs (SAELens or sparsify format); default: train or "
+                                                  "use cached", callback=existing_dir("SAE folder"))]
+
+
+
+def write_html(result: Any, path: Path | None, **kw: Any) -> None:
+    """Write the HTML report of ``result`` if a path was given, and say where."""
+    if path is not None:
+        from trace_lib.report import write_html as write
+
+        console().print(f"wrote {write(result, path, **kw)}")
