@@ -160,13 +160,18 @@ def check_safetensors(path: Path) -> None:
         "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
 
 
-def check_gguf(path: Path) -> None:
-    """Fail clearly on a file that is not a complete GGUF file, before transformers sees it."""
+def check_gguf_magic(path: Path) -> None:
+    """Fail at once on a file that is not GGUF at all (4 bytes read), before it is hashed or converted."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelFormatError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); give a .gguf "
                                "file or a Hugging Face model folder")
+
+
+def check_gguf(path: Path) -> None:
+    """Fail clearly on a file that is not a complete GGUF file, before transformers sees it."""
+    check_gguf_magic(path)
     from gguf import GGUFReader
 
     try:
@@ -187,6 +192,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, name: str | None =
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"no GGUF file at {path}")
+    check_gguf_magic(path)
     digest = hashed_file(path)
     target = cache_dir("models") / f"gguf-{digest[:24]}"
     if not (target / "config.json").is_file():
