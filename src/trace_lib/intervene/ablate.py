@@ -10,6 +10,7 @@ audit can be checked against a ground truth: those features must come out degrad
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 
@@ -18,6 +19,17 @@ from trace_lib.capture.splice import register_replacement
 from trace_lib.errors import HookError
 from trace_lib.models.arch import adapt
 from trace_lib.models.load import Loaded
+
+
+def directions_digest(directions: torch.Tensor) -> str:
+    """sha256 of a direction tensor's shape and all of its float32 values: the ablation's cache identity.
+
+    Every value counts, so two ablations that differ anywhere (also past the first 512 values) never share a
+    ``content_hash`` (which keys the red team's generation cache)."""
+    t = torch.as_tensor(directions).detach().to(device="cpu", dtype=torch.float32).contiguous()
+    h = hashlib.sha256(repr(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def ablate_directions(loaded: Loaded, hook_name: str, directions: torch.Tensor, name: str | None = None) -> Loaded:
@@ -39,6 +51,6 @@ def ablate_directions(loaded: Loaded, hook_name: str, directions: torch.Tensor, 
     label = name or f"ablate-{directions.shape[0]}dirs@{hook_name}"
     return Loaded(model=model, tokenizer=loaded.tokenizer, arch=arch,
                   content_hash=stable_hash({"ref": loaded.content_hash, "ablate": hook_name,
-                                            "dirs": directions.numpy().tobytes().hex()[:4096]}),
+                                            "dirs": directions_digest(directions)}),
                   name=label, spec=f"{loaded.spec}@{label}", source=loaded.source, quant=None,
                   quant_info={"path": f"directional ablation of {directions.shape[0]} direction(s) at {hook_name}"})
