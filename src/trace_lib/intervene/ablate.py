@@ -5,6 +5,10 @@
 Arditi et al. 2024 ablate the refusal direction this way to switch refusal off. trace uses it to build a
 variant with a *known* injury (for example the decoder directions of the top refusal SAE features), so an
 audit can be checked against a ground truth: those features must come out degraded.
+
+The ablation hook stays on the variant's model; it is listed by
+:func:`trace_lib.capture.registry.installed_hooks` (kind ``ablation``) and ``remove_hooks(variant,
+kind="ablation")`` takes it off.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def ablate_directions(loaded: Loaded, hook_name: str, directions: torch.Tensor, 
         basis = q.to(x.dtype)
         return x - (x @ basis) @ basis.T
 
-    register_replacement(arch.site(hook_name), project_out)
+    register_replacement(arch.site(hook_name), project_out, kind="ablation", owner="ablate_directions",
+                         permanent=True)
     label = name or f"ablate-{directions.shape[0]}dirs@{hook_name}"
     return Loaded(model=model, tokenizer=loaded.tokenizer, arch=arch,
                   content_hash=stable_hash({"ref": loaded.content_hash, "ablate": hook_name,

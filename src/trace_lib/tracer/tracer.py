@@ -33,7 +33,6 @@ from torch import nn
 
 from trace_lib.cache import atomic_write_json
 from trace_lib.capture.hooks import HookConfig, HookManager, to_float32_cpu
-from trace_lib.models.arch import first_tensor
 from trace_lib.tracer.activations import (
     RESID_EXPLOSION_POINT,
     ActivationRecord,
@@ -142,22 +141,27 @@ class GenerationTrace:
                 "forward_indices": self.forward_indices, "kv_cache": self.kv.to_dict() if self.kv else None}
 
 
-class _TraceHooks(HookManager):
-    """A HookManager that keeps statistics (and, where asked, a float32 copy) instead of every activation."""
+class ActivationReducer:
+    """The tracer's HookManager ``reduce``: per hook, statistics over the real tokens (``stats``) and, where
+    asked, a float32 CPU copy (``tensor``) instead of every activation."""
 
-    def __init__(self, loaded, names: list[str], stats_names: set[str], keep_names: set[str]):
-        super().__init__(loaded, HookConfig(layers=[], hook_points=(), names=tuple(names), check_finite=False))
+    def __init__(self, stats_names: set[str], keep_names: set[str]) -> None:
         self.stats_names = stats_names
         self.keep_names = keep_names
 
-    def _record(self, name: str, value) -> None:
-        t = first_tensor(value)
+    def __call__(self, name: str, t: torch.Tensor, mask: torch.Tensor | None) -> dict:
         entry: dict = {}
         if name in self.stats_names:
-            entry["stats"] = tensor_stats(_real_tokens(t, self._mask), t.dtype)
+            entry["stats"] = tensor_stats(_real_tokens(t, mask), t.dtype)
         if name in self.keep_names:
             entry["tensor"] = to_float32_cpu(t)
-        self._store(name, entry)
+        return entry
+
+
+def trace_hooks(loaded, names: list[str], stats_names: set[str], keep_names: set[str]) -> HookManager:
+    """A HookManager on ``names`` that keeps :class:`ActivationReducer` entries."""
+    return HookManager(loaded, HookConfig(layers=[], hook_points=(), names=tuple(names), check_finite=False),
+                       reduce=ActivationReducer(stats_names, keep_names), owner="ModelTracer")
 
 
 def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -361,7 +365,7 @@ class ModelTracer:
         model = loaded.model
         quant = cfg.trace_quant_error and self.reference is not None and past_key_values is None and position == 0
         stats_names, keep_names, names = self._hook_names(lens=cfg.trace_logits, quant=quant)
-        hooks = _TraceHooks(loaded, names, stats_names, keep_names) if names else None
+        hooks = trace_hooks(loaded, names, stats_names, keep_names) if names else None
         device = _device(model)
         ids, mask = ids.to(device), mask.to(device)
         self.begin_forward(position)
