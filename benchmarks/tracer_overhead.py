@@ -20,7 +20,7 @@ from _common import emit, fixed_batch, interleaved, machine
 
 from trace_lib import load_model
 from trace_lib.tracer import ModelTracer, ModelTracerConfig
-from trace_lib.tracer.tracer import ActivationReducer
+from trace_lib.tracer.recorder import ActivationReducer
 
 _hook_seconds: list[float] = []
 

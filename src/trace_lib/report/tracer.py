@@ -27,14 +27,13 @@ from typing import Any
 
 from trace_lib.report import plots
 from trace_lib.report.html import Html, _d, _l, _num, fmt, h, kv_table, note, section, table, td, td_num
+from trace_lib.tracer.result import SUMMARY_FIELDS, TracerResult
 
 LEVEL_STYLE = {"critical": "background:#fdedec;color:#c0392b;font-weight:700",
                "warning": "background:#fef5e7;color:#9a6a0b;font-weight:600"}
 CHECK_BANNER_STYLE = "background:#fef5e7;color:#9a6a0b;border:1px solid #f8c471"
 DEFAULT_THRESHOLDS = {"warning_cosine": 0.99, "warning_snr_db": 20.0, "critical_cosine": 0.9,
                       "critical_snr_db": 10.0}
-SUMMARY_FIELDS = ["total_forwards", "anomalies_detected", "attention_traces", "logit_traces", "kv_steps",
-                  "total_evictions", "avg_hit_rate", "quant_warnings", "quant_criticals"]
 
 # The per-layer table's columns: (header, tooltip); the quantization columns only when a variant was traced.
 LAYER_COLS = [
@@ -97,19 +96,6 @@ def _td_level(x: Any, spec: str, level: str | None, text: str | None = None, tit
     sort = "" if math.isnan(v) else ("Infinity" if v == math.inf else "-Infinity" if v == -math.inf else repr(v))
     return h("td", fmt(x, spec) if text is None else text, cls=f"num level-{level}" if level else "num",
              data_sort=sort, data_level=level, style=LEVEL_STYLE.get(level or ""), title=title)
-
-
-def _summary_text(s: Mapping) -> str:
-    """``ModelTracer.summary_text()`` from the summary fields."""
-    def g(k: str) -> Any:
-        return s.get(k, "n/a")
-
-    return "\n".join([
-        "ModelTracer Summary:", f"  Forward passes: {g('total_forwards')}", f"  Anomalies: {g('anomalies_detected')}",
-        f"  Attention traces: {g('attention_traces')}", f"  Logit traces: {g('logit_traces')}",
-        f"  KV cache steps: {g('kv_steps')}", f"  KV evictions: {g('total_evictions')}",
-        f"  Avg hit rate: {fmt(s.get('avg_hit_rate'), '.2f', 100, '%')}", f"  Quant warnings: {g('quant_warnings')}",
-        f"  Quant criticals: {g('quant_criticals')}"])
 
 
 # ------------------------------------------------------------------------------------------------ one pass
@@ -517,7 +503,7 @@ def tracer_body(result: Any) -> tuple[list, list, str, str]:
         h("h3", "Summary fields"),
         table(["field", "value"], summary_rows, table_id="summary-table", cls="kv") if summary_rows else
         note("The result has no summary."),
-        h("details", h("summary", "The same summary as trace prints it"), h("pre", _summary_text(s), cls="summary")))
+        h("details", h("summary", "The same summary as trace prints it"), h("pre", TracerResult.from_dict(d).summary_text(), cls="summary")))
 
     # ---------------------------------------------------------------- per pass
     many = len(passes) > 1
