@@ -23,7 +23,7 @@ from trace_lib.audit import AuditResult
 from trace_lib.compare import CompareResult
 from trace_lib.errors import ResultFormatError, TraceError
 from trace_lib.report import load_result, render_html, write_html
-from trace_lib.report.html import JS, esc
+from trace_lib.report.kit import JS, esc
 from trace_lib.sweep import SweepResult
 
 EVIL_SCRIPT = "<script>alert(1)</script>"
