@@ -451,7 +451,7 @@ def test_cli_writes_redteam_json(tiny_folder, cache_tmp, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from trace_lib.redteam.cli import redteam_command
+    from trace_lib.commands.redteam import redteam_command
 
     app = typer.Typer()
     app.command("redteam")(redteam_command)

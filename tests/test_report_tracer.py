@@ -274,8 +274,8 @@ def test_tracer_cli_writes_html_and_trace_report_reads_the_json(tiny_folder, tmp
     import typer
     from typer.testing import CliRunner
 
+    from trace_lib.commands.tracer import tracer_command
     from trace_lib.report.cli import report_command
-    from trace_lib.tracer.cli import tracer_command
 
     out, html = tmp_path / "tracer.json", tmp_path / "tracer.html"
     tracer_command(prompt="The capital of France is <b>Paris</b>", model=str(tiny_folder),

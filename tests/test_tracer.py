@@ -515,7 +515,7 @@ def test_tracer_result_round_trips_and_prints_the_tracer_summary(tmp_path):
 
 
 def test_cli_command_on_a_tiny_folder(tiny_folder, tmp_path, capsys):
-    from trace_lib.tracer.cli import tracer_command
+    from trace_lib.commands.tracer import tracer_command
 
     out = tmp_path / "tracer.json"
     tracer_command(prompt="The capital of France is", model=str(tiny_folder), variant="int4-rtn-g32",

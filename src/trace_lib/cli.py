@@ -146,10 +146,10 @@ def hooks(model: ModelOpt = "default") -> None:
         out.print(n)
 
 
+from trace_lib.commands.redteam import redteam_command  # noqa: E402
+from trace_lib.commands.tracer import tracer_command  # noqa: E402
 from trace_lib.organisms.cli import organism_app  # noqa: E402
-from trace_lib.redteam.cli import redteam_command  # noqa: E402
 from trace_lib.report.cli import report_command  # noqa: E402
-from trace_lib.tracer.cli import tracer_command  # noqa: E402
 
 app.command("redteam")(redteam_command)
 app.command("report")(report_command)

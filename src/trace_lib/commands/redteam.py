@@ -1,6 +1,6 @@
 """``trace redteam``: quantization jailbreaks of variants against the reference.
 
-Register in ``trace_lib/cli.py`` with ``app.command("redteam")(redteam_command)``.
+Registered in ``trace_lib.cli`` as ``app.command("redteam")(redteam_command)``.
 """
 
 from __future__ import annotations
