@@ -20,16 +20,16 @@ from _common import emit, fixed_batch, interleaved, machine
 
 from trace_lib import load_model
 from trace_lib.tracer import ModelTracer, ModelTracerConfig
-from trace_lib.tracer.tracer import _TraceHooks
+from trace_lib.tracer.recorder import ActivationReducer
 
 _hook_seconds: list[float] = []
 
 
 def _timed(record):
-    def wrapper(self, name, value):
+    def wrapper(self, *args):
         t = time.perf_counter()
         try:
-            return record(self, name, value)
+            return record(self, *args)
         finally:
             _hook_seconds.append(time.perf_counter() - t)
     return wrapper
@@ -60,7 +60,7 @@ def main() -> None:
         per_pass.append(sum(_hook_seconds))
         tracer.clear()
 
-    _TraceHooks._record = _timed(_TraceHooks._record)
+    ActivationReducer.__call__ = _timed(ActivationReducer.__call__)
     t = interleaved({"bare": bare, "traced": traced}, repeats=args.repeats)
     in_hooks = statistics.median(per_pass)
     tracer.trace(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -144,6 +144,67 @@ def test_streaming_keeps_nothing_and_matches_capture():
     assert torch.is_grad_enabled()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reduce_sees_the_tensors_of_output_hidden_states(arch):
+    loaded = tiny_loaded(arch)
+    ids, mask = _inputs()
+    n = loaded.n_layers
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reduce(name, t, m):
+        seen[name] = (t.detach().clone(), m.clone())
+        return t.shape[-1]
+
+    hm = HookManager(loaded, HookConfig(hook_points=["resid_pre", "resid_post"]), reduce=reduce)
+    with torch.no_grad(), hm.capture():
+        out = loaded.model(ids, attention_mask=mask, output_hidden_states=True)
+    hs = out.hidden_states
+    assert torch.equal(seen["blocks.0.hook_resid_pre"][0], hs[0])
+    for i in range(n - 1):  # the last hidden state has the final norm applied
+        assert torch.equal(seen[f"blocks.{i}.hook_resid_post"][0], hs[i + 1])
+        assert torch.equal(seen[f"blocks.{i + 1}.hook_resid_pre"][0], hs[i + 1])
+    assert all(torch.equal(m, mask) for _, m in seen.values())
+    assert hm.batches[0].acts == {name: loaded.d_model for name in hm.names}  # reduce's results are kept
+
+
+def test_run_stops_after_the_last_hook():
+    loaded = tiny_loaded("llama")
+    ids, mask = _inputs()
+    later = []
+    handle = loaded.arch.layers[2].register_forward_hook(lambda *a: later.append(1))
+    try:
+        hm = HookManager(loaded, HookConfig(layers=[0], hook_points=["resid_post"]))
+        with pytest.raises(HookError, match="active capture"):
+            hm.run(input_ids=ids)
+        with torch.no_grad(), hm.capture():
+            assert hm.run(stop_early=True, input_ids=ids, attention_mask=mask) is None
+            assert later == [] and len(hm.batches) == 1
+            out = hm.run(input_ids=ids, attention_mask=mask)
+            assert out.logits.shape[:2] == ids.shape and later == [1] and len(hm.batches) == 2
+        torch.testing.assert_close(hm.batches[0].acts["blocks.0.hook_resid_post"],
+                                   hm.batches[1].acts["blocks.0.hook_resid_post"], atol=0, rtol=0)
+    finally:
+        handle.remove()
+
+
+def test_capture_hooks_are_in_the_registry_only_while_capturing():
+    from trace_lib.capture import installed_hooks
+
+    loaded = tiny_loaded("llama")
+    hm = HookManager(loaded, HookConfig(layers=[0, 2], hook_points=["resid_post", "attn_out"]), owner="test")
+    assert installed_hooks(loaded) == []
+    with hm.capture():
+        recs = installed_hooks(loaded)
+        assert {r.hook_name for r in recs} == set(hm.names) | {"model:start", "model:end"}
+        assert {(r.kind, r.owner, r.permanent) for r in recs} == {("capture", "test", False)}
+        assert next(r for r in recs if r.hook_name == "blocks.2.hook_resid_post").module == "model.layers.2"
+    assert installed_hooks(loaded.model) == []
+    with pytest.raises(IndexError):
+        with hm.capture():
+            loaded.model(torch.tensor([[1, 2, 500]]))  # token id out of the vocabulary
+    assert installed_hooks(loaded) == []
+
+
 def test_bf16_model_gives_float32_activations():
     loaded = tiny_loaded("llama")
     loaded.model.to(torch.bfloat16)

@@ -23,7 +23,7 @@ from trace_lib.audit import AuditResult
 from trace_lib.compare import CompareResult
 from trace_lib.errors import ResultFormatError, TraceError
 from trace_lib.report import load_result, render_html, write_html
-from trace_lib.report.html import JS, esc
+from trace_lib.report.kit import JS, esc
 from trace_lib.sweep import SweepResult
 
 EVIL_SCRIPT = "<script>alert(1)</script>"
@@ -527,3 +527,27 @@ def test_redteam_verdict_names_significant_over_refusal():
     fine = {**quiet, "harmless": {**harmless, "mcnemar_p": 0.2}}
     status, why = verdict(fine, 0.05)
     assert status == "OK" and "over-refuses" not in why
+
+
+def test_lower_layers_never_import_the_report():
+    """The report sits on top: only the report itself, the command modules and the CLI import it (no loop
+    through redteam's or the tracer's --html)."""
+    import ast
+
+    import trace_lib
+
+    root = Path(trace_lib.__file__).parent
+    importers = set()
+    for p in root.rglob("*.py"):
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                mods = [n.module] + [f"{n.module}.{a.name}" for a in n.names]
+            elif isinstance(n, ast.Import):
+                mods = [a.name for a in n.names]
+            else:
+                continue
+            if any(m == "trace_lib.report" or m.startswith("trace_lib.report.") for m in mods):
+                importers.add(p.relative_to(root).as_posix())
+    lower = {f for f in importers if not f.startswith(("report/", "cli/"))}
+    assert lower == set()
+    assert {"cli/common.py", "cli/report.py"} <= importers

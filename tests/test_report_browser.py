@@ -21,7 +21,7 @@ import pytest
 from test_report import Page, redteam_dict, result_folder, with_safety_features
 from trace_lib.audit import AuditResult
 from trace_lib.report import load_result, write_html
-from trace_lib.report.html import CPFR_COL
+from trace_lib.report.sections import CPFR_COL
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.access(p, os.X_OK)),
                 None)

@@ -12,7 +12,7 @@ import torch
 
 from test_report import EVIL, EVIL_IMG, EVIL_SCRIPT, Page, assert_self_contained
 from trace_lib.report import load_result, render_html, write_html
-from trace_lib.report.html import JS, esc, fmt
+from trace_lib.report.kit import JS, esc, fmt
 from trace_lib.report.load import KINDS, TracerData
 
 from conftest import tiny_loaded

@@ -499,6 +499,21 @@ def test_save_writes_strict_json(tmp_path):
     assert d["generations"][0]["kv_cache"]["steps"][0]["step"] == 0
 
 
+def test_tracer_result_round_trips_and_prints_the_tracer_summary(tmp_path):
+    from trace_lib.tracer import TracerResult
+
+    tracer = ModelTracer(ModelTracerConfig.full()).attach(tiny_loaded("llama"))
+    tracer.trace(input_ids=_ids())
+    tracer.generate(input_ids=_ids(), max_new_tokens=2)
+    d = json.loads(tracer.save(tmp_path / "t.json").read_text())
+    result = TracerResult.from_dict(d)
+    assert result.to_dict() == d == tracer.result().to_dict()
+    assert result.summary_text() == tracer.summary_text()
+    assert "Avg hit rate: 50.00%" in TracerResult(summary={"avg_hit_rate": 0.5}).summary_text()
+    lenient = TracerResult.from_dict({"summary": "junk", "forwards": None})
+    assert lenient.forwards == [] and "Forward passes: n/a" in lenient.summary_text()
+
+
 def test_cli_command_on_a_tiny_folder(tiny_folder, tmp_path, capsys):
     from trace_lib.cli.tracer import tracer_command
 

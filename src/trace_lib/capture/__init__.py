@@ -1,5 +1,7 @@
-"""Capturing activations: hooks and the inputs they run on."""
+"""Capturing activations: hooks, the inputs they run on, and the registry of every hook trace installs."""
 
 from trace_lib.capture.hooks import CapturedBatch, HookConfig, HookManager, iter_activations
+from trace_lib.capture.registry import HookRecord, installed_hooks, remove_hooks
 
-__all__ = ["CapturedBatch", "HookConfig", "HookManager", "iter_activations"]
+__all__ = ["CapturedBatch", "HookConfig", "HookManager", "HookRecord", "installed_hooks", "iter_activations",
+           "remove_hooks"]

@@ -11,7 +11,12 @@ padding never counts (``flat=True`` keeps only real tokens). For runs too large 
 :meth:`HookManager.stream` hands each forward pass's activations to a callback and keeps nothing, and
 :func:`iter_activations` turns a stream of token batches into a stream of captured batches.
 
-Hooks are always removed when the ``with`` block ends, also when the forward pass raises.
+``HookManager(..., reduce=fn)`` keeps ``fn(hook_name, activation, attention_mask)`` instead of the activation
+(statistics instead of tensors, as the tracer does), and :meth:`HookManager.run` runs one forward pass that
+can stop after the last hook (``stop_early=True``: later layers are not computed).
+
+Hooks are always removed when the ``with`` block ends, also when the forward pass raises; while they are on,
+:func:`trace_lib.capture.registry.installed_hooks` lists them (kind ``capture``).
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from trace_lib.capture.registry import register_hook
 from trace_lib.errors import HookError
 from trace_lib.models.arch import ArchAdapter, adapt, first_tensor
+
+# reduce(hook_name, activation as the module gives it, attention mask [batch, seq] on the CPU) -> what is kept
+Reduce = Callable[[str, torch.Tensor, torch.Tensor | None], Any]
 
 
 @dataclass
@@ -57,10 +67,11 @@ class HookConfig:
 
 @dataclass
 class CapturedBatch:
-    """The activations of one forward pass. ``acts[name]`` is [batch, seq, d] float32."""
+    """The activations of one forward pass. ``acts[name]`` is [batch, seq, d] float32 (or what the
+    HookManager's ``reduce`` returned for it)."""
 
     index: int
-    acts: dict[str, torch.Tensor]
+    acts: dict[str, Any]
     attention_mask: torch.Tensor
     input_ids: torch.Tensor | None = None
 
@@ -85,11 +96,18 @@ def to_float32_cpu(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class HookManager:
-    """Registers forward hooks on the modules behind TransformerLens hook names and stores what they see."""
+    """Registers forward hooks on the modules behind TransformerLens hook names and stores what they see.
+
+    ``reduce``: when given, ``reduce(hook_name, activation, attention_mask)`` is stored instead of the
+    activation's float32 CPU copy (``activation`` as the module gives it: its dtype and device; no finite
+    check). ``owner`` names the hooks in the registry (:mod:`trace_lib.capture.registry`).
+    """
 
     model: nn.Module
     config: HookConfig = field(default_factory=HookConfig)
     arch: ArchAdapter | None = None
+    reduce: Reduce | None = None
+    owner: str = "HookManager"
 
     def __post_init__(self) -> None:
         loaded = self.model
@@ -110,6 +128,9 @@ class HookManager:
 
     # ------------------------------------------------------------------ hook plumbing
     def _record(self, name: str, value) -> None:
+        if self.reduce is not None:
+            self._store(name, self.reduce(name, first_tensor(value), self._mask))
+            return
         t = to_float32_cpu(first_tensor(value))
         if self.config.check_finite and not torch.isfinite(t).all():
             real = t[self._mask.bool()] if self._mask is not None and self._mask.shape == t.shape[:2] else t
@@ -121,7 +142,7 @@ class HookManager:
                             "broke there (check the quantization config or the input)")
         self._store(name, t)
 
-    def _store(self, name: str, t: torch.Tensor) -> None:
+    def _store(self, name: str, t: Any) -> None:
         self._current[name] = t
         if self._stop_early and len(self._current) == len(self.names):
             raise _StopForward
@@ -172,14 +193,17 @@ class HookManager:
     def _register(self) -> None:
         if self._handles:
             raise HookError("this HookManager is already capturing; nested capture() is not supported")
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        tag = {"kind": "capture", "owner": self.owner}
+        self._handles.append(register_hook(self.model, self._on_model_start, hook_name="model:start", pre=True,
+                                           with_kwargs=True, **tag))
         for name, site in zip(self.names, self._sites):
             if site.kind == "in":
-                h = site.module.register_forward_pre_hook(self._make_hook(name, "in"), with_kwargs=True)
+                h = register_hook(site.module, self._make_hook(name, "in"), hook_name=name, pre=True,
+                                  with_kwargs=True, **tag)
             else:
-                h = site.module.register_forward_hook(self._make_hook(name, "out"))
+                h = register_hook(site.module, self._make_hook(name, "out"), hook_name=name, **tag)
             self._handles.append(h)
-        self._handles.append(self.model.register_forward_hook(self._on_model_end))
+        self._handles.append(register_hook(self.model, self._on_model_end, hook_name="model:end", **tag))
 
     def _remove(self) -> None:
         for h in self._handles:
@@ -205,6 +229,24 @@ class HookManager:
         finally:
             self._stop_early = False
             self._remove()
+
+    def run(self, stop_early: bool = False, **inputs: Any) -> Any:
+        """One forward pass of the model on ``inputs`` (``input_ids=...``, ``attention_mask=...``) inside a
+        :meth:`capture` or :meth:`stream` block, recorded like any other.
+
+        With ``stop_early`` the pass stops as soon as every requested activation is recorded (later layers
+        are not computed) and returns None; otherwise it returns the model's output.
+        """
+        if not self._handles:
+            raise HookError("HookManager.run() needs an active capture() or stream() block")
+        before, self._stop_early = self._stop_early, stop_early
+        try:
+            return self.model(**inputs)
+        except _StopForward:
+            self._finish_batch()
+            return None
+        finally:
+            self._stop_early = before
 
     @contextmanager
     def stream(self, callback: Callable[[CapturedBatch], None]):
@@ -273,14 +315,8 @@ def iter_activations(model, batches: Iterable[dict[str, torch.Tensor]], config: 
     # no_grad (not inference_mode) around the call only: the consumer may train on what it receives.
     with hm.stream(out.append):
         for batch in batches:
-            hm._stop_early = stop_early
-            try:
-                with torch.no_grad():
-                    hm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             use_cache=False)
-            except _StopForward:
-                hm._finish_batch()
-            finally:
-                hm._stop_early = False
+            with torch.no_grad():
+                hm.run(stop_early, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       use_cache=False)
             yield from out
             out.clear()

@@ -1,4 +1,7 @@
-"""Replacing an activation inside the forward pass (for SAE splicing, ablations and patching)."""
+"""Replacing an activation inside the forward pass (for SAE splicing, ablations and patching).
+
+Every replacement hook is recorded in :mod:`trace_lib.capture.registry` (kind ``replacement`` while a
+:func:`replace_activation` block runs; a permanent one, e.g. an ablation, under its own kind)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from trace_lib.capture.registry import register_hook
 from trace_lib.models.arch import first_tensor
 
 
@@ -20,9 +24,12 @@ def _rebuild(original, new: torch.Tensor):
     raise TypeError(f"cannot replace the hidden state inside a {type(original).__name__}")
 
 
-def register_replacement(site, fn: Callable[[torch.Tensor], torch.Tensor]):
+def register_replacement(site, fn: Callable[[torch.Tensor], torch.Tensor], *, kind: str = "replacement",
+                         owner: str = "replace_activation", permanent: bool = False):
     """Register a hook on ``site`` (a :class:`~trace_lib.models.arch.HookSite`) that replaces its activation
-    with ``fn(activation)``; returns the hook handle (``handle.remove()`` undoes it)."""
+    with ``fn(activation)``, recorded in the hook registry under ``kind``/``owner``; returns the hook handle
+    (``handle.remove()`` undoes it)."""
+    tag = {"hook_name": site.name, "kind": kind, "owner": owner, "permanent": permanent}
     if site.kind == "in":
         def pre_hook(module, args, kwargs):
             if args:
@@ -31,12 +38,12 @@ def register_replacement(site, fn: Callable[[torch.Tensor], torch.Tensor]):
             kwargs["hidden_states"] = fn(kwargs["hidden_states"])
             return args, kwargs
 
-        return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return register_hook(site.module, pre_hook, pre=True, with_kwargs=True, **tag)
 
     def hook(module, args, output):
         return _rebuild(output, fn(first_tensor(output)))
 
-    return site.module.register_forward_hook(hook)
+    return register_hook(site.module, hook, **tag)
 
 
 @contextmanager

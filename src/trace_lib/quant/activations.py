@@ -7,13 +7,16 @@ Uses torchao's QAT fake quantizer (``IntxFakeQuantizer`` with ``IntxFakeQuantize
     x_q = (clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale,
 
 with [qmin, qmax] = [-2^(A-1), 2^(A-1) - 1]. This is the dynamic per-token activation quantization of
-W8A8 / W4A8 schemes, simulated in float so it combines with any weight type.
+W8A8 / W4A8 schemes, simulated in float so it combines with any weight type. The pre-hooks stay on the
+variant's model and are listed by :func:`trace_lib.capture.registry.installed_hooks` (kind ``fake-quant``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from trace_lib.capture.registry import register_hook
 
 
 def make_fake_quantizer(bits: int):
@@ -30,7 +33,8 @@ def add_activation_fake_quant(linears: list[tuple[str, nn.Linear]], bits: int) -
         x = args[0]
         return (fq(x.float()).to(x.dtype), *args[1:])
 
-    for _, m in linears:
-        m.register_forward_pre_hook(pre_hook)
+    for name, m in linears:
+        register_hook(m, pre_hook, hook_name=name, kind="fake-quant", owner="add_activation_fake_quant",
+                      permanent=True, pre=True)
     return {"activations": f"{bits}-bit per-token asymmetric fake quantization (torchao IntxFakeQuantizer) "
                            f"at the input of {len(linears)} Linear layers"}

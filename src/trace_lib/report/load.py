@@ -36,7 +36,7 @@ class RedteamData(dict):
 
 
 class TracerData(dict):
-    """A ``trace.tracer`` result (``ModelTracer.to_dict()``) kept as its dict: the tracer has no ``from_dict``.
+    """A ``trace.tracer`` result (``ModelTracer.to_dict()``) kept as its dict, byte for byte what the file holds.
 
     The report reads it with ``.get`` throughout; only the list of forward passes is required.
     """
@@ -52,15 +52,7 @@ class TracerData(dict):
 
 
 def _tracer_loader() -> Callable[[dict], Any]:
-    """A tracer ``from_dict`` when ``trace_lib.tracer`` provides one, else :class:`TracerData`."""
-    try:
-        import trace_lib.tracer as tr
-    except ImportError:
-        return TracerData
-    for name in ("TracerResult", "ModelTracer"):
-        cls = getattr(tr, name, None)
-        if cls is not None and hasattr(cls, "from_dict"):
-            return cls.from_dict
+    """:class:`TracerData`: the page reads the dict itself (``TracerResult.from_dict`` only for its summary)."""
     return TracerData
 
 
