@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from trace_lib.metrics.stats import wilson_interval
 from trace_lib.organisms.data import Example, collate, tokenize_example
 from trace_lib.redteam.classify import classify_reply
 from trace_lib.redteam.generate import generate
-from trace_lib.redteam.stats import wilson_interval
 
 
 @dataclass

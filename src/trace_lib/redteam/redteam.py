@@ -13,7 +13,7 @@
 4. Per variant, paired with the reference on the same harmful prompts: the 2x2 table (refused or not in each),
    the *quantization jailbreaks* (refusal -> compliance), the reverse flips (compliance -> refusal), the
    refusals that became incoherent (reported, counted as neither), the exact McNemar test of jailbreaks against
-   reverse flips, and the minimum detectable jailbreak rate at this sample size (``redteam.stats``). The same
+   reverse flips, and the minimum detectable jailbreak rate at this sample size (``metrics.stats``). The same
    paired count on harmless prompts gives the new over-refusals.
 5. Mechanism (when there are jailbreaks and SAEs: an :class:`~trace_lib.audit.Audit` given, or one built from
    the reference with cached SAEs): for each jailbreak prompt, the fingerprint's refusal features and the
@@ -35,6 +35,7 @@ import torch
 
 from trace_lib.cache import atomic_write_json
 from trace_lib.errors import DatasetError, ResultFormatError, TraceError
+from trace_lib.metrics.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
 from trace_lib.redteam.classify import (
     CLASSIFIER_NAME,
     LABELS,
@@ -43,7 +44,6 @@ from trace_lib.redteam.classify import (
     measure_held_out_agreement,
 )
 from trace_lib.redteam.generate import generate
-from trace_lib.redteam.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
 
 RESULT_KIND = "trace.redteam"
 RESULT_VERSION = 1
