@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trace_lib.capture.hooks import HookConfig, HookManager
+from trace_lib.metrics.divergence import kl_divergence
 
 
 @dataclass
@@ -238,8 +239,7 @@ def compare_outputs(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: to
     else:
         r, v = r.reshape(-1, r.shape[-1]), v.reshape(-1, v.shape[-1])
     cos = float((r * v).sum() / (r.norm() * v.norm())) if torch.equal(r, v) is False else 1.0
-    lr, lv = torch.log_softmax(r, -1), torch.log_softmax(v, -1)
-    kl = float((lr.exp() * (lr - lv)).sum(-1).clamp_min(0).mean())
+    kl = float(kl_divergence(r, v, dtype=torch.float64).clamp_min(0).mean())
     agree = float((r.argmax(-1) == v.argmax(-1)).double().mean())
     return cos, kl, agree
 
