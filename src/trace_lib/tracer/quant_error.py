@@ -230,7 +230,7 @@ def capture_resid(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return acts, out.logits.detach().float().cpu()
 
 
-def compare_outputs(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: torch.Tensor | None
+def logits_cosine_kl_top1(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: torch.Tensor | None
                     ) -> tuple[float, float, float]:
     """Cosine of the logits, mean KL(p_ref || p_var) in nats and top-1 agreement, over real tokens."""
     r, v = ref_logits.double(), var_logits.double()
@@ -255,7 +255,7 @@ def quant_error_trace(reference, variant_acts: dict[int, torch.Tensor], variant_
     for layer in sorted(variant_acts):
         trace.add_error(layer_error(ref_acts[layer], variant_acts[layer], mask, layer,
                                     f"blocks.{layer}.hook_resid_post", th))
-    trace.logits_cosine, trace.output_kl_divergence, trace.top1_agreement = compare_outputs(
+    trace.logits_cosine, trace.output_kl_divergence, trace.top1_agreement = logits_cosine_kl_top1(
         ref_logits, variant_logits, mask)
     if decode is not None:
         ids = input_ids.cpu()
