@@ -43,6 +43,7 @@ from trace_lib.fingerprint import (
     fingerprint_from_dataset,
     reduce_prompt_acts,
 )
+from trace_lib.jsonutil import json_clean
 from trace_lib.metrics.directions import compare_directions, diff_in_means
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
 from trace_lib.metrics.outputs import OutputStats
@@ -53,19 +54,6 @@ from trace_lib.sae.store import MASSIVE_FACTOR
 RESULT_KIND = "trace.audit"
 RESULT_VERSION = 1
 DEFAULT_VARIANTS = ("int8-dynamic", "int4-rtn-g32", "gguf-q4_0")
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/Inf -> None, tensors -> lists."""
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    return x
 
 
 @dataclass
@@ -97,7 +85,7 @@ class FeatureAudit:
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["degradation_pct"] = self.degradation_pct
-        return _clean(d)
+        return json_clean(d)
 
 
 @dataclass
@@ -139,7 +127,7 @@ class VariantAudit:
                       key=lambda f: f.cpfr)
 
     def to_dict(self) -> dict:
-        return _clean({
+        return json_clean({
             "name": self.name, "model": self.model, "safety_cpfr": self.safety_cpfr,
             "capability_cpfr": self.capability_cpfr, "safety_readout_cpfr": self.safety_readout_cpfr,
             "safety_muting_rate": self.muting_rate("safety"),
@@ -228,7 +216,7 @@ class AuditResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
+        return json_clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
                        "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
                        "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
                        "variants": [v.to_dict() for v in self.variants]})

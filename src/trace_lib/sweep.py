@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from trace_lib import __version__
-from trace_lib.audit import Audit, AuditResult, VariantAudit, _clean
+from trace_lib.audit import Audit, AuditResult, VariantAudit
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
 from trace_lib.errors import ResultFormatError, TraceError
+from trace_lib.jsonutil import json_clean
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
 
 RESULT_KIND = "trace.sweep"
@@ -102,7 +103,7 @@ class SweepRow:
                 "safety_cpfr", "capability_cpfr", "all_features_cpfr", "safety_muting_rate", "capability_muting_rate",
                 "kld_mean", "same_top_rate", "ppl_ratio", "bits_per_weight", "model_size_mb")}
             d["audit"] = self.audit.to_dict()
-        return _clean(d)
+        return json_clean(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepRow:
@@ -202,7 +203,7 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         best = self.best_config()
-        return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
+        return json_clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
                        "reference": self.reference, "ladders": self.ladders, "settings": self.settings,
                        "timing": self.timing, "rows": [r.to_dict() for r in self.rows],
                        "decay_curves": self.decay_curves(), "best_config": {

@@ -35,6 +35,7 @@ import torch
 
 from trace_lib.cache import atomic_write_json
 from trace_lib.errors import DatasetError, ResultFormatError, TraceError
+from trace_lib.jsonutil import json_clean
 from trace_lib.metrics.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
 from trace_lib.redteam.classify import (
     CLASSIFIER_NAME,
@@ -48,18 +49,6 @@ from trace_lib.redteam.generate import generate
 RESULT_KIND = "trace.redteam"
 RESULT_VERSION = 1
 HARMFUL, HARMLESS = "harmful", "harmless"
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    return x
 
 
 def _pct(x: float | None) -> str:
@@ -264,7 +253,7 @@ class RedTeamResult:
         from trace_lib import __version__
 
         kinds = self.kinds
-        return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
+        return json_clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
                        "dataset": self.dataset, "settings": self.settings, "classifier": self.classifier,
                        "timing": self.timing, "prompts": self.prompts, "reference": self.reference.to_dict(kinds),
                        "variants": [v.to_dict(kinds) for v in self.variants],

@@ -23,7 +23,6 @@ a traced pass and does not count.
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import nn
 
 from trace_lib.cache import atomic_write_json
 from trace_lib.capture.hooks import HookConfig, HookManager, to_float32_cpu
+from trace_lib.jsonutil import json_clean as _finite  # NaN and infinities -> None, recursively
 from trace_lib.models.arch import first_tensor
 from trace_lib.tracer.activations import (
     RESID_EXPLOSION_POINT,
@@ -580,17 +580,6 @@ class ModelTracer:
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON, atomically."""
         return atomic_write_json(path, self.to_dict())
-
-
-def _finite(obj):
-    """Replace NaN and infinities (which JSON cannot hold) by None, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _vocab(loaded) -> int:
