@@ -21,7 +21,6 @@ The flow (see docs/architecture.md):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -31,12 +30,11 @@ from typing import Any
 
 import torch
 
-from trace_lib import __version__
-from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
+from trace_lib.cache import cache_dir, stable_hash
 from trace_lib.capture.inputs import pack_texts
 from trace_lib.capture.prompts import PromptActs, capture_prompts
 from trace_lib.compare import default_texts, reference_logits, resolve_variant, variant_output_stats
-from trace_lib.errors import DatasetError, ResultFormatError, SAEError
+from trace_lib.errors import DatasetError, SAEError
 from trace_lib.fingerprint import (
     CircuitTracer,
     SafetyFingerprint,
@@ -49,6 +47,7 @@ from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, Fea
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.models.load import Loaded, load_model
 from trace_lib.quant import parse_config
+from trace_lib.results import ResultFile, register_result
 from trace_lib.sae.store import MASSIVE_FACTOR
 
 RESULT_KIND = "trace.audit"
@@ -154,8 +153,9 @@ def _f(x: float, spec: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+@register_result(RESULT_KIND, RESULT_VERSION, rerun="the audit")
 @dataclass
-class AuditResult:
+class AuditResult(ResultFile):
     reference: dict
     dataset: dict
     fingerprint: dict
@@ -216,32 +216,16 @@ class AuditResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return json_clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
-                       "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
-                       "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
-                       "variants": [v.to_dict() for v in self.variants]})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
+        return json_clean({**self.result_header(),
+                           "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
+                           "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
+                           "variants": [v.to_dict() for v in self.variants]})
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditResult:
-        if d.get("kind") != RESULT_KIND:
-            raise ResultFormatError(f"this is a {d.get('kind', 'unknown')!r} result, not an audit result")
-        if d.get("version") != RESULT_VERSION:
-            raise ResultFormatError(f"audit result version {d.get('version')} is not {RESULT_VERSION}; re-run the audit")
+        cls.check_format(d)
         return cls(d["reference"], d["dataset"], d["fingerprint"], [VariantAudit.from_dict(v) for v in d["variants"]],
                    d["settings"], d.get("timing", {}), d.get("prompts", []))
-
-    @classmethod
-    def load(cls, path: str | Path) -> AuditResult:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ResultFormatError(f"cannot read an audit result from {path}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------- computation
