@@ -28,7 +28,6 @@ from trace_lib.errors import (
 )
 
 
-
 def _env(cache: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update({"TRACE_CACHE": str(cache), "TRACE_QUIET": "1", "PYTHONUNBUFFERED": "1", **extra})

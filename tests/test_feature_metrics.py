@@ -16,8 +16,9 @@ from scipy.stats import wasserstein_distance
 
 import trace_lib.metrics.features as features_mod
 from trace_lib.errors import TraceError
-from trace_lib.metrics.directions import cohens_d, compare_directions, diff_in_means, unit
+from trace_lib.metrics.directions import compare_directions, diff_in_means, unit
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
+from trace_lib.metrics.stats import cohens_d
 
 
 def sparse_codes(n_tokens: int, n_features: int, density: float = 0.1, seed: int = 0) -> torch.Tensor:

@@ -30,13 +30,10 @@ from trace_lib.fingerprint import (
     FeatureRecord,
     SafetyFingerprint,
     _sae_identity,
-    auroc,
-    bh_adjust,
-    cohens_d_columns,
-    contrast_statistics,
     fingerprint_from_dataset,
 )
 from trace_lib.metrics.directions import diff_in_means, unit
+from trace_lib.metrics.stats import auroc, bh_adjust, cohens_d_columns, contrast_statistics
 from trace_lib.models import from_model
 from trace_lib.sae import load_sae, save_sae
 from trace_lib.sae.model import SAE, SAEConfig

@@ -9,19 +9,16 @@ import pytest
 import torch
 
 from trace_lib.errors import QuantizationError, ResultFormatError
+from trace_lib.metrics.stats import mcnemar_exact, mcnemar_power, minimum_detectable_effect, wilson_interval
 from trace_lib.redteam import (
     RedTeam,
     RedTeamResult,
     classify_reply,
     generate,
     generate_replies,
-    mcnemar_exact,
-    mcnemar_power,
     measure_agreement,
     mechanism_link,
-    minimum_detectable_effect,
     paired_flips,
-    wilson_interval,
 )
 from trace_lib.redteam.classify import agreement_from_labels, load_reply_labels
 

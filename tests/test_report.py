@@ -344,7 +344,8 @@ def test_every_result_string_is_escaped(audit_dict):
 
 
 def test_redteam_page():
-    from trace_lib.redteam import RedTeamResult, wilson_interval
+    from trace_lib.metrics.stats import wilson_interval
+    from trace_lib.redteam import RedTeamResult
 
     d = redteam_dict()
     result = load_result(d)

@@ -21,7 +21,6 @@ The flow (see docs/architecture.md):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -31,12 +30,11 @@ from typing import Any
 
 import torch
 
-from trace_lib import __version__
-from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
+from trace_lib.cache import cache_dir, stable_hash
 from trace_lib.capture.inputs import pack_texts
 from trace_lib.capture.prompts import PromptActs, capture_prompts
 from trace_lib.compare import default_texts, reference_logits, resolve_variant, variant_output_stats
-from trace_lib.errors import DatasetError, ResultFormatError, SAEError
+from trace_lib.errors import DatasetError, SAEError
 from trace_lib.fingerprint import (
     CircuitTracer,
     SafetyFingerprint,
@@ -44,29 +42,18 @@ from trace_lib.fingerprint import (
     fingerprint_from_dataset,
     reduce_prompt_acts,
 )
+from trace_lib.jsonutil import json_clean
 from trace_lib.metrics.directions import compare_directions, diff_in_means
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.models.load import Loaded, load_model
+from trace_lib.results import ResultFile, register_result
 from trace_lib.sae.store import MASSIVE_FACTOR
 from trace_lib.validate import CONTEXT, FRACTION, POSITIVE_INT, check_variant_spec
 
 RESULT_KIND = "trace.audit"
 RESULT_VERSION = 1
 DEFAULT_VARIANTS = ("int8-dynamic", "int4-rtn-g32", "gguf-q4_0")
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/Inf -> None, tensors -> lists."""
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    return x
 
 
 @dataclass
@@ -98,7 +85,7 @@ class FeatureAudit:
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["degradation_pct"] = self.degradation_pct
-        return _clean(d)
+        return json_clean(d)
 
 
 @dataclass
@@ -140,7 +127,7 @@ class VariantAudit:
                       key=lambda f: f.cpfr)
 
     def to_dict(self) -> dict:
-        return _clean({
+        return json_clean({
             "name": self.name, "model": self.model, "safety_cpfr": self.safety_cpfr,
             "capability_cpfr": self.capability_cpfr, "safety_readout_cpfr": self.safety_readout_cpfr,
             "safety_muting_rate": self.muting_rate("safety"),
@@ -167,8 +154,9 @@ def _f(x: float, spec: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+@register_result(RESULT_KIND, RESULT_VERSION, rerun="the audit")
 @dataclass
-class AuditResult:
+class AuditResult(ResultFile):
     reference: dict
     dataset: dict
     fingerprint: dict
@@ -229,32 +217,16 @@ class AuditResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
-                       "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
-                       "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
-                       "variants": [v.to_dict() for v in self.variants]})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
+        return json_clean({**self.result_header(),
+                           "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
+                           "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
+                           "variants": [v.to_dict() for v in self.variants]})
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditResult:
-        if d.get("kind") != RESULT_KIND:
-            raise ResultFormatError(f"this is a {d.get('kind', 'unknown')!r} result, not an audit result")
-        if d.get("version") != RESULT_VERSION:
-            raise ResultFormatError(f"audit result version {d.get('version')} is not {RESULT_VERSION}; re-run the audit")
+        cls.check_format(d)
         return cls(d["reference"], d["dataset"], d["fingerprint"], [VariantAudit.from_dict(v) for v in d["variants"]],
                    d["settings"], d.get("timing", {}), d.get("prompts", []))
-
-    @classmethod
-    def load(cls, path: str | Path) -> AuditResult:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ResultFormatError(f"cannot read an audit result from {path}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------- computation

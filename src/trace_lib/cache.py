@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trace_lib.jsonutil import dumps, to_jsonable
+
 _TMP = re.compile(r"^\..+\.p(\d+)\.[^.]+\.tmp$")  # .NAME.p<pid>.<random>.tmp
 _LEGACY_TMP = re.compile(r"^\..+\.tmp$")  # before temporaries carried a pid
 _LEGACY_AGE_S = 24 * 3600
@@ -114,7 +116,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(path, dumps(obj) + "\n")
 
 
 def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -140,7 +142,7 @@ def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Short sha256 of a JSON-serialisable object (keys sorted), for cache keys."""
-    blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()
+    blob = json.dumps(obj, sort_keys=True, default=to_jsonable).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
@@ -150,15 +152,3 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -8,21 +8,19 @@ reference once and through every variant; only that batch's logits are alive at 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from trace_lib import __version__
-from trace_lib.cache import atomic_write_json
 from trace_lib.capture.inputs import chunk_batches, pack_texts
-from trace_lib.errors import DatasetError, ResultFormatError
+from trace_lib.errors import DatasetError
 from trace_lib.metrics.outputs import OutputComparison, OutputStats
 from trace_lib.models.load import Loaded, load_model
 from trace_lib.progress import track
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
+from trace_lib.results import ResultFile, register_result
 from trace_lib.validate import CONTEXT, POSITIVE_INT, check_nonempty, check_variant_spec
 
 RESULT_KIND = "trace.compare"
@@ -41,8 +39,9 @@ class VariantComparison:
                 "stats": self.stats.to_dict()}
 
 
+@register_result(RESULT_KIND, RESULT_VERSION)
 @dataclass
-class CompareResult:
+class CompareResult(ResultFile):
     reference: dict
     variants: list[VariantComparison]
     text: dict
@@ -52,24 +51,14 @@ class CompareResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
+        return {**self.result_header(),
                 "reference": self.reference, "text": self.text, "ctx": self.ctx, "n_chunks": self.n_chunks,
                 "reference_forward_seconds": round(self.reference_forward_seconds, 3), "settings": self.settings,
                 "variants": [v.to_dict() for v in self.variants]}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
-
     @classmethod
     def from_dict(cls, d: dict) -> CompareResult:
-        if d.get("kind") != RESULT_KIND:
-            raise ResultFormatError(f"this is a {d.get('kind', 'unknown')!r} result, not a compare result")
-        if d.get("version") != RESULT_VERSION:
-            raise ResultFormatError(f"compare result version {d.get('version')} is not {RESULT_VERSION}; "
-                                    "re-run trace compare with this version")
+        cls.check_format(d)
         variants = [VariantComparison(v["name"], v["model"], OutputStats.from_dict(v["stats"]), v["forward_seconds"])
                     for v in d["variants"]]
         return cls(d["reference"], variants, d["text"], d["ctx"], d["n_chunks"], d["reference_forward_seconds"],

@@ -10,7 +10,7 @@ direction. Audits later read a quantized variant through the same features and d
 Per prompt, a feature's value is its SAE code reduced (``max`` by default, or ``mean``) over a set of token
 positions, by default the *post-instruction* template tokens where the model has read the whole request
 (Arditi et al. 2024; see :mod:`trace_lib.capture.prompts`). For each category and each feature, over the
-``n1`` safety and ``n2`` baseline prompts (:func:`contrast_statistics`):
+``n1`` safety and ``n2`` baseline prompts (:func:`trace_lib.metrics.stats.contrast_statistics`):
 
 * ``U`` -- the Mann-Whitney U statistic of the safety sample: the number of (safety, baseline) pairs in which
   the safety prompt's value is larger, ties counted one half;
@@ -49,16 +49,13 @@ from torch import nn
 
 from trace_lib.cache import atomic_write_json
 from trace_lib.errors import DatasetError, ResultFormatError, SAEError, TraceError
+from trace_lib.metrics.stats import auroc, bh_adjust, contrast_statistics
 
 __all__ = [
     "CircuitTracer",
     "DirectionRecord",
     "FeatureRecord",
     "SafetyFingerprint",
-    "auroc",
-    "bh_adjust",
-    "cohens_d_columns",
-    "contrast_statistics",
     "fingerprint_from_dataset",
 ]
 
@@ -67,95 +64,6 @@ VERSION = 1
 POSITIONS = ("post_instruction", "last", "all")
 REDUCTIONS = ("max", "mean")
 _CHUNK_ELEMENTS = 1 << 24  # SAE codes computed at once (64 MiB of float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# statistics
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _as_2d(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().to(torch.float64).numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 1:
-        a = a[:, None]
-    if a.ndim != 2:
-        raise TraceError(f"{name} must be [n_prompts] or [n_prompts, n_features], got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise TraceError(f"{name} contains NaN/Inf values; fix the run that produced them")
-    return a
-
-
-def cohens_d_columns(x_safety: Any, x_baseline: Any) -> np.ndarray:
-    """Cohen's d of each column: ``(mean_s - mean_b) / s_pooled`` (pooled sample SD); 0 where ``s_pooled == 0``."""
-    s, b = _as_2d(x_safety, "x_safety"), _as_2d(x_baseline, "x_baseline")
-    n1, n2 = s.shape[0], b.shape[0]
-    if n1 < 2 or n2 < 2:
-        raise DatasetError(f"Cohen's d needs at least 2 prompts per group, got {n1} and {n2}")
-    diff = s.mean(0) - b.mean(0)
-    pooled = np.sqrt(((n1 - 1) * s.var(0, ddof=1) + (n2 - 1) * b.var(0, ddof=1)) / (n1 + n2 - 2))
-    out = np.zeros_like(diff)
-    ok = pooled > 0
-    out[ok] = diff[ok] / pooled[ok]
-    return out
-
-
-def bh_adjust(p_values: Any) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (``scipy.stats.false_discovery_control(method="bh")``).
-
-    With the p-values sorted ascending, ``p_adj(i) = min_{j >= i} p(j) * m / j`` (capped at 1), returned in the
-    input order.
-    """
-    from scipy.stats import false_discovery_control
-
-    p = np.asarray(p_values, dtype=np.float64).ravel()
-    if p.size == 0:
-        return p
-    return np.asarray(false_discovery_control(p, method="bh"), dtype=np.float64)
-
-
-def auroc(scores_pos: Any, scores_neg: Any) -> float:
-    """``U / (n1 * n2)``: the chance a positive out-scores a negative, ties counting one half."""
-    return float(contrast_statistics(scores_pos, scores_neg)["auroc"][0])
-
-
-def contrast_statistics(x_safety: Any, x_baseline: Any) -> dict[str, np.ndarray]:
-    """Per-column statistics of safety vs baseline values (formulas in the module docstring).
-
-    ``x_safety`` is ``[n1, k]`` (or ``[n1]``), ``x_baseline`` ``[n2, k]``. Returns arrays of length ``k``:
-    ``auroc``, ``u_statistic``, ``p_value``, ``effect_size``, ``mean_safety``, ``mean_baseline``,
-    ``fire_rate_safety``, ``fire_rate_baseline`` and the boolean ``constant`` (same value in every prompt).
-    """
-    from scipy.stats import mannwhitneyu
-
-    s, b = _as_2d(x_safety, "x_safety"), _as_2d(x_baseline, "x_baseline")
-    if s.shape[1] != b.shape[1]:
-        raise TraceError(f"x_safety has {s.shape[1]} columns but x_baseline has {b.shape[1]}")
-    n1, n2 = s.shape[0], b.shape[0]
-    if n1 < 2 or n2 < 2:
-        raise DatasetError(f"need at least 2 safety and 2 baseline prompts for statistics, got {n1} and {n2}")
-    both = np.concatenate([s, b])
-    constant = both.max(0) == both.min(0)
-    k = s.shape[1]
-    u = np.full(k, n1 * n2 / 2.0)
-    p = np.ones(k)
-    live = ~constant
-    if live.any():
-        res = mannwhitneyu(s[:, live], b[:, live], alternative="two-sided", axis=0)
-        u[live] = res.statistic
-        p[live] = np.where(np.isfinite(res.pvalue), res.pvalue, 1.0)
-    return {
-        "auroc": u / (n1 * n2),
-        "u_statistic": u,
-        "p_value": np.clip(p, 0.0, 1.0),
-        "effect_size": cohens_d_columns(s, b),
-        "mean_safety": s.mean(0),
-        "mean_baseline": b.mean(0),
-        "fire_rate_safety": (s > 0).mean(0),
-        "fire_rate_baseline": (b > 0).mean(0),
-        "constant": constant,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 
 from trace_lib import __version__
-from trace_lib.audit import Audit, AuditResult, VariantAudit, _clean
+from trace_lib.audit import Audit, AuditResult, VariantAudit
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
-from trace_lib.errors import ResultFormatError, TraceError
+from trace_lib.errors import TraceError
+from trace_lib.jsonutil import json_clean
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
+from trace_lib.results import ResultFile, register_result
 from trace_lib.validate import FRACTION
 
 RESULT_KIND = "trace.sweep"
@@ -103,7 +105,7 @@ class SweepRow:
                 "safety_cpfr", "capability_cpfr", "all_features_cpfr", "safety_muting_rate", "capability_muting_rate",
                 "kld_mean", "same_top_rate", "ppl_ratio", "bits_per_weight", "model_size_mb")}
             d["audit"] = self.audit.to_dict()
-        return _clean(d)
+        return json_clean(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepRow:
@@ -132,8 +134,9 @@ class BestConfig:
         return "\n".join(lines)
 
 
+@register_result(RESULT_KIND, RESULT_VERSION, rerun="the sweep")
 @dataclass
-class SweepResult:
+class SweepResult(ResultFile):
     reference: dict
     rows: list[SweepRow]
     ladders: dict[str, list[str]]
@@ -203,25 +206,16 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         best = self.best_config()
-        return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
-                       "reference": self.reference, "ladders": self.ladders, "settings": self.settings,
-                       "timing": self.timing, "rows": [r.to_dict() for r in self.rows],
-                       "decay_curves": self.decay_curves(), "best_config": {
-                           "min_cpfr": self.min_cpfr, "name": best.name, "rejected": best.rejected},
-                       "base": self.base.to_dict()})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
+        return json_clean({**self.result_header(),
+                           "reference": self.reference, "ladders": self.ladders, "settings": self.settings,
+                           "timing": self.timing, "rows": [r.to_dict() for r in self.rows],
+                           "decay_curves": self.decay_curves(), "best_config": {
+                               "min_cpfr": self.min_cpfr, "name": best.name, "rejected": best.rejected},
+                           "base": self.base.to_dict()})
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepResult:
-        if d.get("kind") != RESULT_KIND:
-            raise ResultFormatError(f"this is a {d.get('kind', 'unknown')!r} result, not a sweep result")
-        if d.get("version") != RESULT_VERSION:
-            raise ResultFormatError(f"sweep result version {d.get('version')} is not {RESULT_VERSION}; re-run the sweep")
+        cls.check_format(d)
         return cls(d["reference"], [SweepRow.from_dict(r) for r in d["rows"]], d["ladders"],
                    AuditResult.from_dict(d["base"]), d.get("settings", {}), d.get("timing", {}),
                    (d.get("best_config") or {}).get("min_cpfr", 0.9))

@@ -34,8 +34,9 @@ import torch
 
 from trace_lib.errors import TraceError
 from trace_lib.metrics.features import _check_finite, _fmt, _ResultBase, _to_tensor
+from trace_lib.metrics.stats import cohens_d
 
-__all__ = ["diff_in_means", "unit", "cohens_d", "DirectionComparison", "compare_directions"]
+__all__ = ["diff_in_means", "unit", "DirectionComparison", "compare_directions"]
 
 _NAN = float("nan")
 
@@ -98,24 +99,6 @@ def unit(v: Any, eps: float = 1e-12) -> torch.Tensor:
             "check the prompt sets and the hook point"
         )
     return t / norm
-
-
-def cohens_d(x_pos: torch.Tensor, x_neg: torch.Tensor) -> float:
-    """Cohen's d = ``(mean(x_pos) - mean(x_neg)) / s_pooled`` with the pooled sample standard deviation.
-
-    NaN with fewer than 3 values in all (no degrees of freedom) or when both means and spreads are equal;
-    ``+-inf`` when the groups differ but neither has any spread.
-    """
-    x_pos, x_neg = x_pos.to(torch.float64).flatten(), x_neg.to(torch.float64).flatten()
-    n1, n2 = x_pos.numel(), x_neg.numel()
-    if n1 == 0 or n2 == 0 or n1 + n2 - 2 <= 0:
-        return _NAN
-    diff = float(x_pos.mean() - x_neg.mean())
-    ss = float(((x_pos - x_pos.mean()) ** 2).sum() + ((x_neg - x_neg.mean()) ** 2).sum())
-    pooled = math.sqrt(ss / (n1 + n2 - 2))
-    if pooled == 0.0:
-        return _NAN if diff == 0.0 else math.copysign(math.inf, diff)
-    return diff / pooled
 
 
 @dataclass(eq=False)

@@ -30,13 +30,14 @@ import json
 import math
 import operator
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 
 from trace_lib.errors import TraceError
+from trace_lib.jsonutil import json_clean
 
 __all__ = [
     "CPFR",
@@ -174,30 +175,6 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(finite.mean().item()) if finite.numel() else _NAN
 
 
-def _json_safe(value: Any) -> Any:
-    """Lists of Python floats/ints/strings; NaN and Inf become ``None``; dict keys become strings."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return _json_safe(value.tolist() if value.ndim else value.item())
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if is_dataclass(value) and hasattr(value, "to_dict"):
-        return value.to_dict()
-    return str(value)
-
-
 class _ResultBase:
     """Dict-style access, ``to_dict()`` and ``to_json()`` for result dataclasses.
 
@@ -232,7 +209,7 @@ class _ResultBase:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: tensors become lists, NaN/Inf become ``None``."""
-        return {k: _json_safe(getattr(self, k)) for k in self.keys()}
+        return {k: json_clean(getattr(self, k)) for k in self.keys()}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)

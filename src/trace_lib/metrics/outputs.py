@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from trace_lib.errors import ResultFormatError, TraceError
+from trace_lib.metrics.divergence import kl_from_log_probs
 
 __all__ = [
     "DP_PERCENTILES",
@@ -404,7 +405,7 @@ def _per_token(ref: torch.Tensor, var: torch.Tensor, targets: torch.Tensor) -> t
     """
     lp_ref = torch.log_softmax(ref, dim=-1)
     lp_q = torch.log_softmax(var, dim=-1)
-    kld = (lp_ref.exp() * (lp_ref - lp_q)).sum(dim=-1)
+    kld = kl_from_log_probs(lp_ref, lp_q)
     idx = targets.unsqueeze(-1)
     lp_ref_t = lp_ref.gather(-1, idx).squeeze(-1)
     lp_q_t = lp_q.gather(-1, idx).squeeze(-1)

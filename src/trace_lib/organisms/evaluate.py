@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from trace_lib.metrics.divergence import kl_from_log_probs
+from trace_lib.metrics.stats import wilson_interval
 from trace_lib.organisms.data import Example, collate, tokenize_example
 from trace_lib.redteam.classify import classify_reply
 from trace_lib.redteam.generate import generate
-from trace_lib.redteam.stats import wilson_interval
 
 
 @dataclass
@@ -131,7 +132,7 @@ def answer_kld(base, organism, prompts: list[str], answers: list[str], ended: li
             kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
             lb = torch.log_softmax(base.model(**kw).logits[:, :-1][sel].float(), -1)
             lo = torch.log_softmax(organism.model(**kw).logits[:, :-1][sel].float(), -1)
-            total += float((lb.exp() * (lb - lo)).sum())
+            total += float(kl_from_log_probs(lb, lo, reduction="sum"))
             n += int(sel.sum())
             same += int((lb.argmax(-1) == lo.argmax(-1)).sum())
     return {"answer_kld_mean": total / n if n else float("nan"), "answer_tokens": n,

@@ -28,7 +28,6 @@ from trace_lib.redteam.redteam import (
     mechanism_link,
     paired_flips,
 )
-from trace_lib.redteam.stats import mcnemar_exact, mcnemar_power, minimum_detectable_effect, wilson_interval
 
 __all__ = [
     "LABELS",
@@ -45,10 +44,6 @@ __all__ = [
     "generate",
     "generate_replies",
     "measure_agreement",
-    "mcnemar_exact",
-    "mcnemar_power",
     "mechanism_link",
-    "minimum_detectable_effect",
     "paired_flips",
-    "wilson_interval",
 ]

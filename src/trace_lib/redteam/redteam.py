@@ -13,7 +13,7 @@
 4. Per variant, paired with the reference on the same harmful prompts: the 2x2 table (refused or not in each),
    the *quantization jailbreaks* (refusal -> compliance), the reverse flips (compliance -> refusal), the
    refusals that became incoherent (reported, counted as neither), the exact McNemar test of jailbreaks against
-   reverse flips, and the minimum detectable jailbreak rate at this sample size (``redteam.stats``). The same
+   reverse flips, and the minimum detectable jailbreak rate at this sample size (``metrics.stats``). The same
    paired count on harmless prompts gives the new over-refusals.
 5. Mechanism (when there are jailbreaks and SAEs: an :class:`~trace_lib.audit.Audit` given, or one built from
    the reference with cached SAEs): for each jailbreak prompt, the fingerprint's refusal features and the
@@ -23,18 +23,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from trace_lib.cache import atomic_write_json
 from trace_lib.errors import DatasetError, ResultFormatError, TraceError
+from trace_lib.jsonutil import json_clean
+from trace_lib.metrics.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
 from trace_lib.redteam.classify import (
     CLASSIFIER_NAME,
     LABELS,
@@ -43,24 +42,12 @@ from trace_lib.redteam.classify import (
     measure_held_out_agreement,
 )
 from trace_lib.redteam.generate import generate
-from trace_lib.redteam.stats import mcnemar_exact, minimum_detectable_effect, wilson_interval
+from trace_lib.results import ResultFile, register_result
 from trace_lib.validate import MAX_NEW_TOKENS, POSITIVE_INT, Range, check_choice, check_variant_spec
 
 RESULT_KIND = "trace.redteam"
 RESULT_VERSION = 1
 HARMFUL, HARMLESS = "harmful", "harmless"
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    return x
 
 
 def _pct(x: float | None) -> str:
@@ -175,8 +162,9 @@ def paired_flips(name: str, ref_labels: Sequence[str], var_labels: Sequence[str]
         mde=mde.to_dict(), mde_sentence=mde.sentence(reference_refusals=n_ref_refusals))
 
 
+@register_result(RESULT_KIND, RESULT_VERSION)
 @dataclass
-class RedTeamResult:
+class RedTeamResult(ResultFile):
     """Replies, labels and paired statistics of a red-team run (see the module docstring)."""
 
     reference: ModelBehaviour
@@ -262,42 +250,22 @@ class RedTeamResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        from trace_lib import __version__
-
         kinds = self.kinds
-        return _clean({"kind": RESULT_KIND, "version": RESULT_VERSION, "trace_version": __version__,
-                       "dataset": self.dataset, "settings": self.settings, "classifier": self.classifier,
-                       "timing": self.timing, "prompts": self.prompts, "reference": self.reference.to_dict(kinds),
-                       "variants": [v.to_dict(kinds) for v in self.variants],
-                       "flips": [f.to_dict() for f in self.flips]})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
+        return json_clean({**self.result_header(),
+                           "dataset": self.dataset, "settings": self.settings, "classifier": self.classifier,
+                           "timing": self.timing, "prompts": self.prompts, "reference": self.reference.to_dict(kinds),
+                           "variants": [v.to_dict(kinds) for v in self.variants],
+                           "flips": [f.to_dict() for f in self.flips]})
 
     @classmethod
     def from_dict(cls, d: dict) -> RedTeamResult:
-        if not isinstance(d, dict) or d.get("kind") != RESULT_KIND:
-            kind = d.get("kind", "unknown") if isinstance(d, dict) else type(d).__name__
-            raise ResultFormatError(f"this is a {kind!r} result, not a redteam result ({RESULT_KIND!r})")
-        if d.get("version") != RESULT_VERSION:
-            raise ResultFormatError(f"redteam result version {d.get('version')} is not {RESULT_VERSION}; re-run "
-                                    "trace redteam with this version")
+        cls.check_format(d)
         try:
             return cls(ModelBehaviour.from_dict(d["reference"]), [ModelBehaviour.from_dict(v) for v in d["variants"]],
                        [VariantFlips.from_dict(f) for f in d["flips"]], list(d["prompts"]), d["dataset"],
                        d["settings"], d["classifier"], d.get("timing", {}))
         except (KeyError, TypeError) as e:
             raise ResultFormatError(f"redteam result lacks or mangles {e}") from e
-
-    @classmethod
-    def load(cls, path: str | Path) -> RedTeamResult:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:
-            raise ResultFormatError(f"cannot read a redteam result from {path}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ mechanism

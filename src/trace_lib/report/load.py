@@ -15,19 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from trace_lib.errors import ResultFormatError, TraceError
+from trace_lib.results import RESULT_MODULES, lookup_result, registered_results
 
-# kind -> (version this trace reads, the command that writes it)
-KINDS: dict[str, tuple[int, str]] = {
-    "trace.audit": (1, "trace audit"),
-    "trace.sweep": (1, "trace sweep"),
-    "trace.compare": (1, "trace compare"),
-    "trace.redteam": (1, "trace redteam"),
-    "trace.tracer": (1, "trace tracer"),  # trace_lib.tracer.tracer.RESULT_KIND / RESULT_VERSION
-}
+
+def _kinds() -> dict[str, tuple[int, str]]:
+    """kind -> (version this trace reads, the command that writes it), from the result registry."""
+    kinds = {kind: (rt.version, rt.command) for kind, rt in registered_results().items()}
+    if "trace.tracer" not in kinds:  # no tracer result class registered yet: the tracer module's version
+        from trace_lib.tracer.tracer import RESULT_VERSION as TRACER_VERSION
+
+        kinds["trace.tracer"] = (TRACER_VERSION, "trace tracer")
+    return {kind: kinds[kind] for kind in RESULT_MODULES if kind in kinds}
+
+
+KINDS: dict[str, tuple[int, str]] = _kinds()
 
 
 class RedteamData(dict):
-    """A ``trace.redteam`` result kept as its dict, for when ``trace_lib.redteam`` offers no ``from_dict``.
+    """A ``trace.redteam`` result kept as its dict, for when no class is registered for ``trace.redteam``.
 
     The report reads it with ``.get`` throughout, so a missing field shows as "n/a" and never breaks the page.
     """
@@ -51,62 +56,42 @@ class TracerData(dict):
             raise TypeError("'forwards' is not a list of forward passes")
 
 
+def _registered_or(kind: str, fallback: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    rt = lookup_result(kind)
+    return rt.from_dict if rt is not None else fallback
+
+
 def _tracer_loader() -> Callable[[dict], Any]:
     """:class:`TracerData`: the page reads the dict itself (``TracerResult.from_dict`` only for its summary)."""
     return TracerData
 
 
 def _redteam_loader() -> Callable[[dict], Any]:
-    """``trace_lib.redteam``'s result ``from_dict`` when that package provides one, else :class:`RedteamData`."""
-    try:
-        import trace_lib.redteam as rt
-    except ImportError:
-        return RedteamData
-    for name in ("RedteamResult", "RedTeamResult", "RedteamReport", "RedTeamReport"):
-        cls = getattr(rt, name, None)
-        if cls is not None and hasattr(cls, "from_dict"):
-            return cls.from_dict
-    return RedteamData
+    """The registered red-team result's ``from_dict``, else :class:`RedteamData`."""
+    return _registered_or("trace.redteam", RedteamData)
 
 
 def _from_dict(kind: str) -> Callable[[dict], Any]:
-    if kind == "trace.audit":
-        from trace_lib.audit import AuditResult
-
-        return AuditResult.from_dict
-    if kind == "trace.sweep":
-        from trace_lib.sweep import SweepResult
-
-        return SweepResult.from_dict
-    if kind == "trace.compare":
-        from trace_lib.compare import CompareResult
-
-        return CompareResult.from_dict
     if kind == "trace.tracer":
         return _tracer_loader()
-    return _redteam_loader()
+    if kind == "trace.redteam":
+        return _redteam_loader()
+    rt = lookup_result(kind)
+    if rt is None:
+        raise ResultFormatError(f"no result class is registered for {kind!r}")
+    return rt.from_dict
 
 
 def result_kind(result: Any) -> str:
     """``trace.audit`` / ``trace.sweep`` / ``trace.compare`` / ``trace.redteam`` / ``trace.tracer`` of a loaded
-    result."""
-    from trace_lib.audit import AuditResult
-    from trace_lib.compare import CompareResult
-    from trace_lib.sweep import SweepResult
-
-    if isinstance(result, AuditResult):
-        return "trace.audit"
-    if isinstance(result, SweepResult):
-        return "trace.sweep"
-    if isinstance(result, CompareResult):
-        return "trace.compare"
+    result: a registered result object, a result dict, or a ``ModelTracer``."""
     if isinstance(result, Mapping) and result.get("kind") in KINDS:
         return str(result["kind"])
-    kind = getattr(result, "kind", None) or getattr(type(result), "RESULT_KIND", None)
-    if kind == "trace.tracer" or type(result).__module__.startswith("trace_lib.tracer"):
+    kind = getattr(type(result), "RESULT_KIND", None) or getattr(result, "kind", None)
+    if isinstance(kind, str) and kind in KINDS:
+        return str(kind)
+    if type(result).__module__.startswith("trace_lib.tracer"):  # a ModelTracer: its to_dict() is the result
         return "trace.tracer"
-    if kind == "trace.redteam" or type(result).__module__.startswith("trace_lib.redteam"):
-        return "trace.redteam"
     raise ResultFormatError(f"cannot make a report of a {type(result).__name__}; pass a trace result file "
                             "(audit, sweep, compare, redteam or tracer JSON) or its result object")
 

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from trace_lib.cache import atomic_dir, temp_prefix
 from trace_lib.errors import SAEError
+from trace_lib.jsonutil import to_jsonable
 from trace_lib.sae.model import (
     SAE,
     SUPPORTED_NORMALIZATIONS,
@@ -139,7 +140,7 @@ def save_sae(sae: SAE, folder: str | Path, *, fold_scaling: bool = True) -> Path
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / SAELENS_WEIGHTS))
-        (tmp / CFG_FILENAME).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        (tmp / CFG_FILENAME).write_text(json.dumps(cfg, indent=2, default=to_jsonable) + "\n", encoding="utf-8")
 
     if not folder.exists():
         atomic_dir(folder, write)
@@ -161,18 +162,6 @@ def save_sae(sae: SAE, folder: str | Path, *, fold_scaling: bool = True) -> Path
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

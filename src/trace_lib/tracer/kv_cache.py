@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from trace_lib.errors import QuantizationError
+from trace_lib.metrics.divergence import kl_divergence
 
 
 @dataclass
@@ -271,7 +272,5 @@ def max_positions_of(model) -> int:
 
 def next_token_kl(full_logits: torch.Tensor, quant_logits: torch.Tensor) -> tuple[float, bool]:
     """KL(p_full || p_quantized) of the next-token distributions (nats) and whether their top-1 agree."""
-    lf = torch.log_softmax(full_logits.double(), -1)
-    lq = torch.log_softmax(quant_logits.double(), -1)
-    kl = float((lf.exp() * (lf - lq)).sum(-1).clamp_min(0).mean())
+    kl = float(kl_divergence(full_logits, quant_logits, dtype=torch.float64).clamp_min(0).mean())
     return kl, bool((full_logits.argmax(-1) == quant_logits.argmax(-1)).all())

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from trace_lib.capture.hooks import HookConfig, HookManager
+from trace_lib.jsonutil import json_float
+from trace_lib.metrics.divergence import kl_divergence
 
 
 @dataclass
@@ -82,7 +84,7 @@ class LayerQuantError:
                 key = math.inf if x != x else x
                 if best is None or key > best[0]:
                     best = (key, b, i, x)
-        return None if best is None else {"batch_index": best[1], "token_index": best[2], "rel_l2": _json_float(best[3])}
+        return None if best is None else {"batch_index": best[1], "token_index": best[2], "rel_l2": json_float(best[3])}
 
     def is_warning(self) -> bool:
         return self.level == "warning"
@@ -91,13 +93,13 @@ class LayerQuantError:
         return self.level == "critical"
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "hook": self.hook, "cosine": _json_float(self.cosine),
-                "rel_l2": _json_float(self.rel_l2), "snr_db": _json_float(self.snr_db), "identical": self.identical,
-                "mse": _json_float(self.mse), "max_abs_error": _json_float(self.max_abs_error),
+        return {"layer": self.layer, "hook": self.hook, "cosine": json_float(self.cosine),
+                "rel_l2": json_float(self.rel_l2), "snr_db": json_float(self.snr_db), "identical": self.identical,
+                "mse": json_float(self.mse), "max_abs_error": json_float(self.max_abs_error),
                 "n_tokens": self.n_tokens, "level": self.level,
-                "median_token_rel_l2": _json_float(self.median_token_rel_l2), "worst_token": self.worst_token,
-                "token_cosine": [[_json_float(x) for x in row] for row in self.token_cosine],
-                "token_rel_l2": [[_json_float(x) for x in row] for row in self.token_rel_l2]}
+                "median_token_rel_l2": json_float(self.median_token_rel_l2), "worst_token": self.worst_token,
+                "token_cosine": [[json_float(x) for x in row] for row in self.token_cosine],
+                "token_rel_l2": [[json_float(x) for x in row] for row in self.token_rel_l2]}
 
 
 @dataclass
@@ -139,29 +141,22 @@ class QuantErrorTrace:
                     if level_of(c, _snr(r), th) != "ok":
                         tok = self.tokens[b][i] if b < len(self.tokens) and i < len(self.tokens[b]) else None
                         return {"layer": e.layer, "hook": e.hook, "batch_index": b, "token_index": i, "token": tok,
-                                "cosine": _json_float(c), "rel_l2": _json_float(r), "snr_db": _json_float(_snr(r))}
+                                "cosine": json_float(c), "rel_l2": json_float(r), "snr_db": json_float(_snr(r))}
         return None
 
     def to_dict(self) -> dict:
         return {"reference": self.reference, "variant": self.variant, "thresholds": self.thresholds,
                 "warnings": self.warning_count(), "criticals": self.critical_count(),
                 "first_divergent_layer": self.first_divergent_layer(), "first_divergence": self.first_divergence,
-                "logits_cosine": _json_float(self.logits_cosine),
-                "output_kl_divergence": _json_float(self.output_kl_divergence),
-                "top1_agreement": _json_float(self.top1_agreement), "tokens": self.tokens,
+                "logits_cosine": json_float(self.logits_cosine),
+                "output_kl_divergence": json_float(self.output_kl_divergence),
+                "top1_agreement": json_float(self.top1_agreement), "tokens": self.tokens,
                 "layers": [e.to_dict() for e in self.layers]}
 
 
 def thresholds_of(config) -> dict:
     return {"warning_cosine": config.quant_warning_cosine, "warning_snr_db": config.quant_warning_snr_db,
             "critical_cosine": config.quant_critical_cosine, "critical_snr_db": config.quant_critical_snr_db}
-
-
-def _json_float(x: float | None) -> float | None:
-    """Finite floats as they are; NaN and infinity as None (JSON has neither)."""
-    if x is None or not math.isfinite(x):
-        return None
-    return float(x)
 
 
 def _snr(rel: float) -> float:
@@ -229,7 +224,7 @@ def capture_resid(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return acts, out.logits.detach().float().cpu()
 
 
-def compare_outputs(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: torch.Tensor | None
+def logits_cosine_kl_top1(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: torch.Tensor | None
                     ) -> tuple[float, float, float]:
     """Cosine of the logits, mean KL(p_ref || p_var) in nats and top-1 agreement, over real tokens."""
     r, v = ref_logits.double(), var_logits.double()
@@ -238,8 +233,7 @@ def compare_outputs(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: to
     else:
         r, v = r.reshape(-1, r.shape[-1]), v.reshape(-1, v.shape[-1])
     cos = float((r * v).sum() / (r.norm() * v.norm())) if torch.equal(r, v) is False else 1.0
-    lr, lv = torch.log_softmax(r, -1), torch.log_softmax(v, -1)
-    kl = float((lr.exp() * (lr - lv)).sum(-1).clamp_min(0).mean())
+    kl = float(kl_divergence(r, v, dtype=torch.float64).clamp_min(0).mean())
     agree = float((r.argmax(-1) == v.argmax(-1)).double().mean())
     return cos, kl, agree
 
@@ -255,7 +249,7 @@ def quant_error_trace(reference, variant_acts: dict[int, torch.Tensor], variant_
     for layer in sorted(variant_acts):
         trace.add_error(layer_error(ref_acts[layer], variant_acts[layer], mask, layer,
                                     f"blocks.{layer}.hook_resid_post", th))
-    trace.logits_cosine, trace.output_kl_divergence, trace.top1_agreement = compare_outputs(
+    trace.logits_cosine, trace.output_kl_divergence, trace.top1_agreement = logits_cosine_kl_top1(
         ref_logits, variant_logits, mask)
     if decode is not None:
         ids = input_ids.cpu()

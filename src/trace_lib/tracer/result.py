@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from trace_lib.jsonutil import json_clean as _finite  # NaN and infinities -> None, recursively
 from trace_lib.tracer.activations import RESID_EXPLOSION_POINT, ActivationTrace
 from trace_lib.tracer.attention import AttentionWeightTrace
 from trace_lib.tracer.kv_cache import KvCacheSession
@@ -173,13 +174,3 @@ class TracerResult:
         """The seed's human-readable summary (see :func:`summary_text`)."""
         return summary_text(self.summary)
 
-
-def _finite(obj):
-    """Replace NaN and infinities (which JSON cannot hold) by None, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
