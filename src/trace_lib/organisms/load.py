@@ -18,11 +18,11 @@ import torch
 
 from trace_lib.cache import atomic_dir, stable_hash
 from trace_lib.errors import ModelFormatError
+from trace_lib.organisms.spec import DEFAULT_SAFETY_SPEC
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_SAFETY_DIR = PACKAGE_DIR / "default_safety"
 DEFAULT_SAFETY_NAME = "SmolLM2-135M-Instruct+safety-LoRA"
-DEFAULT_SAFETY_SPEC = "default-safety"
 _REBUILD = ("reinstall trace-interp, or rebuild the adapter with `trace organism build --out "
             "src/trace_lib/organisms/default_safety` (about 20 minutes on CPU)")
 
@@ -89,14 +89,14 @@ def load_organism(base_spec: str, adapter_dir: str | os.PathLike, dtype: torch.d
                   name: str | None = None, spec: str | None = None, cache: bool = True):
     """Base spec + adapter folder -> merged model, cached as safetensors under ``$TRACE_CACHE/models``."""
     from trace_lib.cache import cache_dir
-    from trace_lib.models.load import load_hf_folder, load_model
+    from trace_lib.models.load import load_hf_folder, load_model, spec_content_hash
 
     adapter_dir = Path(adapter_dir)
     sha = check_adapter(adapter_dir)
     if not cache:
         loaded = apply_adapter(load_model(base_spec), adapter_dir, name=name, spec=spec)
         return loaded if dtype == torch.float32 else _cast(loaded, dtype)
-    base_hash = _base_hash(base_spec)
+    base_hash = spec_content_hash(base_spec)
     content_hash = organism_hash(base_hash, sha)
     target = cache_dir("models") / f"organism-{content_hash}"
     if not (target / "config.json").is_file():
@@ -122,23 +122,14 @@ def _cast(loaded, dtype):
     return loaded
 
 
-def _base_hash(base_spec: str) -> str:
-    """The content hash ``load_model(base_spec)`` gives, without loading the weights where that is possible."""
-    from trace_lib.models.load import folder_hash, hashed_file, load_model
-
-    if base_spec == "default":
-        from trace_lib.models.default import default_gguf_path
-
-        return hashed_file(default_gguf_path())[:16]
-    path = Path(base_spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return folder_hash(path)
-    if path.is_file():
-        return hashed_file(path)[:16]
-    return load_model(base_spec).content_hash
-
-
 def load_default_safety(dtype: torch.dtype = torch.float32):
     """``load_model("default-safety")``: SmolLM2-135M-Instruct + the packaged safety LoRA, merged."""
     return load_organism("default", DEFAULT_SAFETY_DIR, dtype=dtype, name=DEFAULT_SAFETY_NAME,
                          spec=DEFAULT_SAFETY_SPEC)
+
+
+def default_safety_hash() -> str:
+    """The content hash ``load_model("default-safety")`` gives, from the base's file hash and the adapter's."""
+    from trace_lib.models.load import spec_content_hash
+
+    return organism_hash(spec_content_hash("default"), check_adapter(DEFAULT_SAFETY_DIR))
