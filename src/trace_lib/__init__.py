@@ -26,6 +26,10 @@ _PUBLIC = {
     "QuantizationConfig": "trace_lib.quant.config", "QuantizationType": "trace_lib.quant.config",
     "quantize": "trace_lib.quant.apply",
     "OptimizationAuditor": "trace_lib.sweep", "SweepResult": "trace_lib.sweep",
+    "ModelTracer": "trace_lib.tracer", "ModelTracerConfig": "trace_lib.tracer",
+    "RedTeam": "trace_lib.redteam", "RedTeamResult": "trace_lib.redteam",
+    "SAE": "trace_lib.sae", "SAEConfig": "trace_lib.sae", "load_sae": "trace_lib.sae", "save_sae": "trace_lib.sae",
+    "CompareResult": "trace_lib.compare", "compare_outputs": "trace_lib.compare",
 }
 
 __all__ = sorted([*_PUBLIC, "__version__"])
@@ -33,12 +37,16 @@ __all__ = sorted([*_PUBLIC, "__version__"])
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from trace_lib.audit import Audit, AuditResult  # noqa: F401
     from trace_lib.capture.hooks import HookConfig, HookManager  # noqa: F401
+    from trace_lib.compare import CompareResult, compare_outputs  # noqa: F401
     from trace_lib.errors import TraceError  # noqa: F401
     from trace_lib.fingerprint import CircuitTracer, SafetyFingerprint  # noqa: F401
     from trace_lib.models import Loaded, load_model  # noqa: F401
     from trace_lib.quant.apply import quantize  # noqa: F401
     from trace_lib.quant.config import QuantizationConfig, QuantizationType  # noqa: F401
+    from trace_lib.redteam import RedTeam, RedTeamResult  # noqa: F401
+    from trace_lib.sae import SAE, SAEConfig, load_sae, save_sae  # noqa: F401
     from trace_lib.sweep import OptimizationAuditor, SweepResult  # noqa: F401
+    from trace_lib.tracer import ModelTracer, ModelTracerConfig  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
