@@ -57,6 +57,7 @@ from trace_lib.cache import (
     stable_hash,
 )
 from trace_lib.errors import TraceError
+from trace_lib.optim_state import load_optimizer, optimizer_tensors
 from trace_lib.organisms.data import MixConfig, build_mix, collate, tokenize_example
 from trace_lib.progress import track
 
@@ -188,9 +189,29 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+CKPT_SUFFIX = ".safetensors"  # LoRA weights and Adam's state as tensors, the rest as JSON metadata: no pickle
+
+
+def _write_checkpoint(path: Path, epoch: int, params: dict, opt, history: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    meta = {"epoch": str(epoch), "history": json.dumps(history), "param_groups": param_groups}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     out = []
-    for f in folder.glob("epoch-*.pt"):
+    for f in folder.glob(f"epoch-*{CKPT_SUFFIX}"):
         try:
             out.append((int(f.stem.split("-")[1]), f))
         except ValueError:
@@ -280,12 +301,12 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
         ckpts = _checkpoints(ckpt_dir)
         if ckpts:
             epoch, path = ckpts[-1]
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            tensors, meta = _read_checkpoint(path)
             with torch.no_grad():
                 for n, p in params.items():
-                    p.copy_(state["lora"][n])
-            opt.load_state_dict(state["optimizer"])
-            history = list(json.loads(state["history"]))
+                    p.copy_(tensors[f"lora.{n}"])
+            load_optimizer(opt, tensors, meta["param_groups"])
+            history = list(json.loads(meta["history"]))
             start_epoch = resumed_from = epoch
             say(f"resuming after epoch {epoch} from {path}")
     else:
@@ -327,9 +348,7 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
         say(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {history[-1]['mean_loss']:.4f} (CE "
             f"{history[-1]['mean_ce'] or 0:.4f}, KL {history[-1]['mean_kl'] or 0:.4f}; "
             f"{history[-1]['seconds']:.0f} s)")
-        state = {"epoch": epoch + 1, "lora": {n: p.detach().clone() for n, p in params.items()},
-                 "optimizer": opt.state_dict(), "history": json.dumps(history)}
-        atomic_write(ckpt_dir / f"epoch-{epoch + 1}.pt", lambda p, s=state: torch.save(s, p))
+        _write_checkpoint(ckpt_dir / f"epoch-{epoch + 1}{CKPT_SUFFIX}", epoch + 1, params, opt, history)
         for e, old in _checkpoints(ckpt_dir):
             if e < epoch + 1:
                 old.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from trace_lib.cache import atomic_write
 from trace_lib.errors import SAEError
+from trace_lib.optim_state import load_optimizer, optimizer_tensors
 
 if TYPE_CHECKING:
     from trace_lib.sae.training.trainer import SAETrainer
@@ -30,10 +31,8 @@ CKPT_FORMAT = "trace-sae-checkpoint-1"
 def save_checkpoint(t: SAETrainer, path: Path, meta: dict[str, str]) -> None:
     """Write ``t``'s state to ``path`` (atomically), with ``meta`` added to the metadata."""
     tensors: dict[str, torch.Tensor] = {f"param.{k}": v.detach().cpu().contiguous() for k, v in t.params.items()}
-    sd = t.opt.state_dict()
-    for idx, st in sd["state"].items():
-        for key, v in st.items():
-            tensors[f"opt.{idx}.{key}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).cpu().contiguous()
+    opt_tensors, param_groups = optimizer_tensors(t.opt)
+    tensors.update(opt_tensors)
     tensors["tokens_since_fired"] = t.tokens_since_fired.cpu().contiguous()
     tensors["rng"] = t.gen.get_state().contiguous()
     metadata = {
@@ -44,7 +43,7 @@ def save_checkpoint(t: SAETrainer, path: Path, meta: dict[str, str]) -> None:
         "scale": json.dumps(t.scale),
         "l1_log_scale": json.dumps(t.l1.log_scale),
         "refit": json.dumps(t.refit),
-        "param_groups": json.dumps(sd["param_groups"]),
+        "param_groups": param_groups,
         "last": json.dumps(t.last),
     }
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
@@ -64,19 +63,7 @@ def load_checkpoint(t: SAETrainer, path: Path) -> dict[str, str]:
     with torch.no_grad():
         for k, p in t.params.items():
             p.copy_(tensors[f"param.{k}"].to(p.device))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    groups = json.loads(metadata["param_groups"])
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        for key in ("fused", "foreach"):  # keep this run's Adam kernel (a checkpoint may come from the other)
-            if key in t.opt.defaults:
-                g[key] = t.opt.defaults[key]
-    t.opt.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer(t.opt, tensors, metadata["param_groups"])
     t.tokens_since_fired.copy_(tensors["tokens_since_fired"].to(t.device))
     t.gen.set_state(tensors["rng"])
     t.step = int(metadata["step"])
