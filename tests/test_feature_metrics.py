@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-import trace_lib.metrics.features as features_mod
+import trace_lib.metrics._reduce as features_mod
 from trace_lib.errors import TraceError
 from trace_lib.metrics.directions import compare_directions, diff_in_means, unit
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing

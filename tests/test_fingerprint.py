@@ -175,7 +175,7 @@ def test_cohens_d_hand_worked():
 
 
 def test_prompt_features_match_direct_computation(setup, monkeypatch):
-    import trace_lib.fingerprint as fpmod
+    import trace_lib.fingerprint.tracer as fpmod
 
     monkeypatch.setattr(fpmod, "_CHUNK_ELEMENTS", 3 * D_SAE)  # force many chunks
     ps = prompts(5, "bomb", 40) + prompts(4, "cake", 41)

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from trace_lib.errors import TraceError
-from trace_lib.metrics.features import _check_finite, _fmt, _ResultBase, _to_tensor
+from trace_lib.metrics._inputs import _check_finite, _to_tensor
+from trace_lib.metrics._result import _fmt, _ResultBase
 from trace_lib.metrics.stats import cohens_d
 
 __all__ = ["diff_in_means", "unit", "DirectionComparison", "compare_directions"]
