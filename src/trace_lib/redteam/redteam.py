@@ -416,16 +416,15 @@ class RedTeam:
                               {str(k): v for k, v in run.truncated.items()}, run.seconds, run.cached)
 
     def _mechanism_basis(self, dataset) -> tuple[dict, Any] | str:
-        """(SAEs, fingerprint) from the audit (built lazily), or the reason there are none."""
+        """(SAEs, fingerprint) of the audit's reference basis (the audit built lazily), or the reason there are
+        none: the same basis an audit's :class:`~trace_lib.audit.ReferenceSide` starts from."""
+        from trace_lib.audit import Audit, reference_basis
+
         try:
             if self.audit is None:
-                from trace_lib.audit import Audit
-
                 self.audit = Audit(self.reference, variants=["fp32"])
-            if self.audit.sae_dict is None:
-                self.audit.train_sae()
-            fp = self.audit.fingerprint(dataset)
-            return self.audit.sae_dict, fp
+            basis = reference_basis(self.audit, dataset)
+            return self.audit.sae_dict, basis.fingerprint
         except TraceError as e:
             return f"no SAE basis: {e}"
 
