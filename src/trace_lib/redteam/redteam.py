@@ -416,15 +416,16 @@ class RedTeam:
                               {str(k): v for k, v in run.truncated.items()}, run.seconds, run.cached)
 
     def _mechanism_basis(self, dataset) -> tuple[dict, Any] | str:
-        """(SAEs, fingerprint) of the audit's reference basis (the audit built lazily), or the reason there are
-        none: the same basis an audit's :class:`~trace_lib.audit.ReferenceSide` starts from."""
-        from trace_lib.audit import Audit, reference_basis
-
+        """(SAEs, fingerprint) from the audit (built lazily), or the reason there are none."""
         try:
             if self.audit is None:
+                from trace_lib.audit import Audit
+
                 self.audit = Audit(self.reference, variants=["fp32"])
-            basis = reference_basis(self.audit, dataset)
-            return self.audit.sae_dict, basis.fingerprint
+            if self.audit.sae_dict is None:
+                self.audit.train_sae()
+            fp = self.audit.fingerprint(dataset)
+            return self.audit.sae_dict, fp
         except TraceError as e:
             return f"no SAE basis: {e}"
 
