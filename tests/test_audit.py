@@ -132,8 +132,10 @@ def test_readout_cpfr_separates_a_topk_switch_from_a_changed_detector():
     """Hand-worked: a k=1 TopK SAE over two latents reading x[0] and x[1]. Input (1.00, 0.99) -> (0.99, 1.00):
     the codes swap, so each latent's code CPFR is 1 - ||(1, 0) - (0, 0)|| / 1 = 0 on its token, while the
     readouts move by 0.01: readout CPFR = 1 - 0.01 / 1.00 = 0.99 for latent 0 and 1 - 0.01 / 0.99 for latent 1."""
-    from trace_lib.audit import _differs, _encode, _readout
     from trace_lib.metrics import CPFR
+    from trace_lib.metrics.readout import encode_codes as _encode
+    from trace_lib.metrics.readout import encoder_readout as _readout
+    from trace_lib.metrics.readout import readout_differs as _differs
     from trace_lib.sae import SAE, SAEConfig
 
     sae = SAE(SAEConfig(d_in=2, d_sae=2, architecture="topk", k=1, apply_b_dec_to_input=False))
@@ -212,3 +214,89 @@ def test_cli_audit_writes_json_and_html(tiny_audit, tiny_folder, tmp_path, capsy
     assert "int2-rtn-g32" in printed and "wrote" in printed
     page = (tmp_path / "audit.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "int2-rtn-g32" in page
+
+
+def test_reference_side_is_computed_once_and_frozen(tiny_audit):
+    """The reference's SAE codes are encoded when the session is built, and a variant's audit encodes only the
+    variant's activations: no SAE input during ``run`` is the reference's activations (the int2 variant's
+    differ). The reference side is frozen: its fields cannot be reassigned nor its mappings written."""
+    import dataclasses
+
+    from trace_lib.audit import ReferenceSide
+    from trace_lib.compare import resolve_variant
+    from trace_lib.sae import SAE
+
+    audit, result = tiny_audit
+    hook = "blocks.1.hook_resid_post"
+    seen: list[torch.Tensor] = []
+    real_encode = SAE.encode
+
+    def encode(self, x, *a, **k):
+        seen.append(x.detach().clone())
+        return real_encode(self, x, *a, **k)
+
+    SAE.encode = encode
+    try:
+        sess = audit.session("harmful_refusal_v1")
+        built = len(seen)
+        ref = sess.ref
+        ref_inputs = [ref.acts.acts[hook][ref.mask], ref.acts.acts[hook][ref.fp_mask]]
+
+        def of_reference(x):  # a chunk (encode_codes' 4096 rows) of the reference's token activations
+            return any(x.shape[1:] == r.shape[1:] and torch.equal(x, r[i:i + len(x)])
+                       for r in ref_inputs for i in range(0, len(r), 4096))
+
+        assert built >= 2 and sum(map(of_reference, seen)) >= 2  # encoded here, once
+        seen.clear()
+        int2 = sess.run(resolve_variant(audit.reference, "int2-rtn-g32"))
+        ran = len(seen)
+        assert ran and not any(map(of_reference, seen))
+        seen.clear()
+        sess.run(resolve_variant(audit.reference, "int2-rtn-g32"))
+        assert len(seen) == ran  # a second variant costs the same: nothing of the reference is redone
+    finally:
+        SAE.encode = real_encode
+    assert int2.to_dict()["hooks"] == result.variant("int2-rtn-g32").to_dict()["hooks"]
+    assert sess.ref is ref and isinstance(ref, ReferenceSide)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ref.codes = {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ref.threshold = 0.5
+    with pytest.raises(TypeError):
+        ref.codes[hook] = torch.zeros(1)
+
+
+def test_audit_variant_reads_the_reference_codes_it_is_given(tiny_audit):
+    """``compare_variant`` takes the reference's codes from the reference side: zeroed reference codes leave no
+    active reference feature to recover, so the whole-dictionary CPFR of fp32 goes from 1 to undefined."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from trace_lib.audit import compare_variant
+    from trace_lib.compare import resolve_variant
+
+    audit, _ = tiny_audit
+    hook = "blocks.1.hook_resid_post"
+    ref = audit.session("harmful_refusal_v1").ref
+    fp32 = resolve_variant(audit.reference, "fp32")
+    from trace_lib.capture.prompts import capture_prompts
+
+    acts = capture_prompts(fp32, list(ref.texts), ref.hooks, batch_size=ref.batch_size)
+    assert compare_variant(ref, "fp32", {}, acts).hooks[hook].cpfr_all_features == 1.0
+    blank = dataclasses.replace(ref, codes=MappingProxyType({hook: torch.zeros_like(ref.codes[hook])}))
+    whole = compare_variant(blank, "fp32", {}, acts).hooks[hook].cpfr_all_features
+    assert whole != 1.0
+
+
+def test_typed_records_write_the_dicts_they_replace(tiny_audit):
+    from trace_lib.audit import DirectionAudit, HookStats
+
+    _, result = tiny_audit
+    v = result.variant("int2-rtn-g32")
+    for s in v.hooks.values():
+        assert isinstance(s, HookStats) and list(s.to_dict()) == list(s) and s["tokens"] == s.tokens
+    assert all(isinstance(d, DirectionAudit) and d["cosine"] == d.cosine for d in v.directions)
+    again = type(v).from_dict(json.loads(json.dumps(v.to_dict())))
+    assert json.dumps(again.to_dict()) == json.dumps(v.to_dict())
+    assert HookStats.from_dict({"cpfr_all_features": 0.8, "new_key": 1}).to_dict() == {"cpfr_all_features": 0.8,
+                                                                                         "new_key": 1}

@@ -7,7 +7,7 @@
 >>> print(results.best_config(min_cpfr=0.9))
 
 The reference side (SAEs, fingerprint, the test prompts' activations and SAE codes, the logits on the KL
-text) is computed once per sweep by :class:`~trace_lib.audit.AuditSession`; each config is then built,
+text) is computed once per sweep (:class:`~trace_lib.audit.ReferenceSide`); each config is then built,
 audited and freed in turn. A config this machine cannot build (a missing library, a group size that does
 not divide a layer) is skipped with the reason recorded.
 
@@ -221,19 +221,11 @@ class SweepResult(ResultFile):
                    (d.get("best_config") or {}).get("min_cpfr", 0.9))
 
 
-def _row_cache(sess) -> Path:
+def _row_cache(ref) -> Path:
     """The folder of finished sweep rows for this reference side: model, prompts, SAEs, fingerprint, KL text and
-    threshold all enter the key, so a row is reused only where it would be recomputed identically."""
-    from trace_lib.fingerprint import _sae_identity
-
-    audit = sess.audit
-    key = stable_hash({"version": RESULT_VERSION, "trace": __version__, "model": audit.reference.content_hash,
-                       "texts": stable_hash(sess.texts), "groups": {c: [a.tolist(), b.tolist()]
-                                                                     for c, (a, b) in sess.groups.items()},
-                       "saes": {h: _sae_identity(s) for h, s in sess.saes.items()},
-                       "fingerprint": stable_hash(sess.fp.to_dict()), "kl": stable_hash(sess.kl_ids.tolist()),
-                       "threshold": audit.threshold, "batch_size": audit.batch_size})
-    return cache_dir("sweeps", key)
+    threshold all enter the key (:meth:`~trace_lib.audit.ReferenceSide.identity`), so a row is reused only where
+    it would be recomputed identically."""
+    return cache_dir("sweeps", stable_hash({"version": RESULT_VERSION, "trace": __version__, **ref.identity()}))
 
 
 def forward_speed_ratio(ref_model, var_model, batch: dict, repeats: int = 3) -> float:
@@ -265,14 +257,7 @@ class OptimizationAuditor:
             if tokenizer is None:
                 raise TraceError("OptimizationAuditor needs the tokenizer with an nn.Module model")
             model = from_model(model, tokenizer)
-        self.audit = Audit(model, variants=["fp32"], **audit_kw)
-        if sae_dict is not None:
-            from trace_lib.sae import check_sae_fits
-
-            ref = self.audit.reference
-            self.audit.sae_dict = {ref.arch.resolve(h): s for h, s in sae_dict.items()}
-            for h, s in self.audit.sae_dict.items():
-                check_sae_fits(s, h, ref.d_model)
+        self.audit = Audit(model, variants=["fp32"], saes=sae_dict, **audit_kw)
 
     def run_sweep(self, test_prompts: Any = None, configs: Sequence[Any] | None = None, ladder: str | None = None,
                   dataset: Any = "harmful_refusal_v1", min_cpfr: float = 0.9, cache: bool = True) -> SweepResult:
@@ -302,12 +287,13 @@ class OptimizationAuditor:
         elif test_prompts is not None:
             dataset = test_prompts
         sess = self.audit.session(dataset, safety_prompts=safety_list)
-        speed_batch = {"input_ids": sess.kl_ids[:2, :128], "attention_mask": torch.ones_like(sess.kl_ids[:2, :128])}
+        kl_ids = sess.ref.kl_ids
+        speed_batch = {"input_ids": kl_ids[:2, :128], "attention_mask": torch.ones_like(kl_ids[:2, :128])}
         rows = []
         audits = []
         from trace_lib.progress import track
 
-        row_dir = _row_cache(sess) if cache else None
+        row_dir = _row_cache(sess.ref) if cache else None
         cached: list[str] = []
         for cfg in track(parsed, "sweeping configs"):
             row_file = row_dir / f"{stable_hash(cfg.to_dict())}.json" if row_dir is not None else None
@@ -344,5 +330,5 @@ class OptimizationAuditor:
         used = {k: v for k, v in used.items() if len(v) >= 2} or {"configs": [r.name for r in rows]}
         return SweepResult(self.audit.reference.describe(), rows, used, base,
                            settings={"configs": [c.name for c in parsed], "ladder": ladder, "cached_configs": cached},
-                           timing={"total_s": round(time.perf_counter() - t_start, 2), **sess.timing},
+                           timing={"total_s": round(time.perf_counter() - t_start, 2), **sess.ref.timing},
                            min_cpfr=min_cpfr)
