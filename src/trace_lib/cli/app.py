@@ -2,13 +2,13 @@
 
 Exit status (docs/cli.md): 0 success; 1 an internal error (a bug in trace: the traceback is printed for a
 report); 2 a mistake in what the user gave (a usage error from typer, or a :class:`TraceError`, one line);
-130 interrupted (Ctrl-C or SIGTERM: cached results are kept and the next run resumes from them).
+130 interrupted (Ctrl-C or SIGTERM: cached results are kept and the next run resumes from them; see
+:mod:`trace_lib.cli.interrupts`).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import warnings
 
@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape
 
 import trace_lib
+from trace_lib.cli import interrupts
 from trace_lib.cli.common import ModelOpt, console
 from trace_lib.errors import TraceError
 
@@ -83,10 +84,6 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(?!trace_lib)")
 
 
-def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
-
-
 def _click_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(usage errors, exits, aborts): typer 0.29 vendors its own click (``typer._click``) and its own Exit and
     Abort (``typer.exceptions``); older typers use click's. Both are listed, so either is caught."""
@@ -110,11 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: returns on success, else exits with the status of the contract in the module docstring."""
     err = console(stderr=True)
     _quiet_libraries()
-    if hasattr(signal, "SIGTERM"):
-        try:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread (an embedding application): leave its handler alone
-            pass
+    as_program = argv is None
+    if as_program:  # a host that calls main(argv) keeps its own signal handling
+        interrupts.install()
     usage_errors, exits, aborts = _click_types()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="trace")
@@ -122,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print(INTERRUPTED, highlight=False)
-        sys.exit(130)
+        interrupts.stop_and_exit(INTERRUPTED, err, hard=as_program)
     except usage_errors as e:  # unknown option or command, missing or non-numeric value: typer's usage text
         e.show()
         sys.exit(e.exit_code)
@@ -132,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         return
     except aborts:
-        err.print(INTERRUPTED, highlight=False)
-        sys.exit(130)
+        interrupts.stop_and_exit(INTERRUPTED, err, hard=as_program)
     except BrokenPipeError:  # `trace configs | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -147,7 +140,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # In non-standalone mode typer *returns* the status of an Exit it caught; Ctrl-C becomes Exit(130).
     if rv == 130:
-        err.print(INTERRUPTED, highlight=False)
-        sys.exit(130)
+        interrupts.stop_and_exit(INTERRUPTED, err, hard=as_program)
     if isinstance(rv, int) and rv:
         sys.exit(rv)
