@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from trace_lib import __version__
+from trace_lib.attribution.atp import attribution_patch, false_negative_rate, spearman
 from trace_lib.attribution.components import KINDS as COMPONENT_POINTS
 from trace_lib.attribution.components import Component, resolve
-from trace_lib.attribution.atp import attribution_patch, false_negative_rate, spearman
 from trace_lib.attribution.decompose import decompose
 from trace_lib.attribution.inputs import fit_direction, make_batches, reference_refusals
 from trace_lib.attribution.metric import COMPLIANCE, KINDS, Metric, check_gap, gap_interval, metric_values
