@@ -337,3 +337,45 @@ def test_localize_result_round_trip(tiny_folder):
     assert again.summary() == r.summary() and "gap" in r.summary()
     with pytest.raises(ResultFormatError, match="not a localize result"):
         LocalizeResult.from_dict({"kind": "trace.compare", "version": 1})
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_localize_writes_json(tiny_folder, tmp_path, capsys):
+    from trace_lib.cli import main
+
+    main(["localize", "--model", str(tiny_folder), "-v", "int2-rtn-g32", "--method", "patch", "-c", "mlp",
+          "--prompts", "8", "--refusal-reply", "I can't help with that.", "--out", str(tmp_path / "out")])
+    data = json.loads((tmp_path / "out" / "localize.json").read_text())
+    assert data["kind"] == "trace.localize" and data["version"] == 1
+    assert [p["component"] for p in data["patch"]] == ["L0.mlp", "L1.mlp", "L2.mlp"]
+    assert data["atp"] is None and data["weights"] is None
+    out = capsys.readouterr().out
+    assert "[int2-rtn-g32]" in out and "L1.mlp" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "bogus"], "--method must be one of"),
+    (["-c", "L1.ffn"], "--components must be one of"),
+    (["-v", "int4-bogus"], "unknown quantization config"),
+    (["--prompts", "0"], "--prompts must be an integer >= 1"),
+])
+def test_cli_localize_bad_options_are_one_line(argv, message, capsys):
+    from trace_lib.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["localize", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_localize_nothing_refused_and_missing_layer_are_one_line(tiny_folder, capsys):
+    from trace_lib.cli import main
+
+    for argv, message in ((["--prompts", "2"], "refuses none"),
+                          (["--prompts", "2", "--refusal-reply", "No.", "-c", "L9.mlp"], "does not exist")):
+        with pytest.raises(SystemExit) as exc:
+            main(["localize", "--model", str(tiny_folder), "-v", "int4-rtn-g32", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
