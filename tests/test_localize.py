@@ -335,6 +335,12 @@ def test_localize_result_round_trip(tiny_folder):
     assert len(r.weights["restored"]) == 4
     again = LocalizeResult.from_dict(json.loads(r.to_json()))
     assert again.summary() == r.summary() and "gap" in r.summary()
+    from trace_lib.report import load_result, render_html
+
+    page = render_html(load_result(json.loads(r.to_json())))
+    for sid in ("verdict", "components", "atp", "weights", "direction", "models"):
+        assert f'id="{sid}"' in page
+    assert page.count('class="plot"') == 3 and "the damage enters mostly at" in page
     with pytest.raises(ResultFormatError, match="not a localize result"):
         LocalizeResult.from_dict({"kind": "trace.compare", "version": 1})
 
@@ -344,7 +350,10 @@ def test_cli_localize_writes_json(tiny_folder, tmp_path, capsys):
     from trace_lib.cli import main
 
     main(["localize", "--model", str(tiny_folder), "-v", "int2-rtn-g32", "--method", "patch", "-c", "mlp",
-          "--prompts", "8", "--refusal-reply", "I can't help with that.", "--out", str(tmp_path / "out")])
+          "--prompts", "8", "--refusal-reply", "I can't help with that.", "--out", str(tmp_path / "out"),
+          "--html", str(tmp_path / "l.html")])
+    page = (tmp_path / "l.html").read_text()
+    assert 'id="verdict"' in page and 'id="components"' in page and page.count("<svg") >= 1
     data = json.loads((tmp_path / "out" / "localize.json").read_text())
     assert data["kind"] == "trace.localize" and data["version"] == 1
     assert [p["component"] for p in data["patch"]] == ["L0.mlp", "L1.mlp", "L2.mlp"]

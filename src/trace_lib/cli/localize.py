@@ -12,6 +12,7 @@ from rich.table import Table
 
 from trace_lib.cli.common import (
     DatasetOpt,
+    HtmlOpt,
     OutOpt,
     SafetyModelOpt,
     _opt,
@@ -20,6 +21,7 @@ from trace_lib.cli.common import (
     in_range,
     nonempty_text,
     one_of,
+    write_html,
 )
 from trace_lib.errors import InvalidValueError
 from trace_lib.validate import NON_NEGATIVE_INT, POSITIVE_INT, check_distinct
@@ -76,11 +78,12 @@ def localize_command(
     seed: Annotated[int, typer.Option(help="bootstrap and random-Linear seed", callback=in_range(NON_NEGATIVE_INT))] = 0,
     top: Annotated[int, typer.Option(help="rows in the terminal table", callback=in_range(POSITIVE_INT))] = 15,
     out_dir: OutOpt = Path("trace-out"),
+    html: HtmlOpt = None,
 ) -> None:
     """Where a variant's refusal gap enters: activation patching, attribution patching, weight-error attribution."""
     from trace_lib.attribution import localize
 
-    check_distinct({"--out": Path(out_dir) / "localize.json"})
+    check_distinct({"--out": Path(out_dir) / "localize.json", "--html": html})
     result = localize(model, variant, method=method, components=components, metric=metric, dataset=dataset,
                       n_prompts=prompts, positions=positions, batch_size=batch_size, graddrop=graddrop,
                       direction_layer=direction_layer, refusal_reply=refusal_reply, n_weight_check=weight_check,
@@ -106,3 +109,4 @@ def localize_command(
             out.print(escape(line), highlight=False)
     path = result.save(Path(out_dir) / "localize.json")
     out.print(f"wrote {path}")
+    write_html(result, html)

@@ -892,6 +892,10 @@ def render_html(result: Any, *, min_cpfr: float | None = None) -> str:
         from trace_lib.report.tracer import tracer_body
 
         body, toc, title, sub = tracer_body(result)
+    elif kind == "trace.localize":
+        from trace_lib.report.localize import localize_body
+
+        body, toc, title, sub = localize_body(result)
     else:
         from trace_lib.report.redteam import redteam_body
 

@@ -23,6 +23,7 @@ KINDS: dict[str, tuple[int, str]] = {
     "trace.compare": (1, "trace compare"),
     "trace.redteam": (1, "trace redteam"),
     "trace.tracer": (1, "trace tracer"),  # trace_lib.tracer.tracer.RESULT_KIND / RESULT_VERSION
+    "trace.localize": (1, "trace localize"),
 }
 
 
@@ -92,6 +93,10 @@ def _from_dict(kind: str) -> Callable[[dict], Any]:
         return CompareResult.from_dict
     if kind == "trace.tracer":
         return _tracer_loader()
+    if kind == "trace.localize":
+        from trace_lib.attribution.localize import LocalizeResult
+
+        return LocalizeResult.from_dict
     return _redteam_loader()
 
 
@@ -108,6 +113,8 @@ def result_kind(result: Any) -> str:
         return "trace.sweep"
     if isinstance(result, CompareResult):
         return "trace.compare"
+    if type(result).__name__ == "LocalizeResult":
+        return "trace.localize"
     if isinstance(result, Mapping) and result.get("kind") in KINDS:
         return str(result["kind"])
     kind = getattr(result, "kind", None) or getattr(type(result), "RESULT_KIND", None)
