@@ -388,3 +388,21 @@ def test_cli_localize_nothing_refused_and_missing_layer_are_one_line(tiny_folder
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------- the real default model
+@pytest.mark.slow
+def test_default_model_atp_against_patching(capsys):
+    """Spearman(AtP, patching) over the 60 attn/mlp components of default-safety vs gguf-q4_0 is measured and
+    printed (not asserted as a number); the top component by patching restores more than a random one."""
+    r = localize("default-safety", "gguf-q4_0", components=["attn", "mlp"], n_prompts=4, batch_size=4,
+                 with_decomposition=False)
+    assert len(r.patch) == 60 and r.comparison["n"] == 60
+    with capsys.disabled():
+        print(f"\ndefault-safety vs gguf-q4_0, 4 prompts: gap {r.gap['value']:.4f} "
+              f"[{r.gap['lo']:.4f}, {r.gap['hi']:.4f}]; Spearman(AtP, inject) {r.comparison['spearman_inject']:.3f}, "
+              f"(AtP, restore) {r.comparison['spearman_restore']:.3f}; FNR top10 {r.comparison['fnr_top10']:.2f}; "
+              f"{r.damage_line()}")
+    ranked = r.ranking()
+    other = ranked[1:][int(np.random.default_rng(0).integers(len(ranked) - 1))]
+    assert ranked[0]["gap_restored"] > other["gap_restored"]
