@@ -406,3 +406,17 @@ def test_default_model_atp_against_patching(capsys):
     ranked = r.ranking()
     other = ranked[1:][int(np.random.default_rng(0).integers(len(ranked) - 1))]
     assert ranked[0]["gap_restored"] > other["gap_restored"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "qwen3", "gemma3", "phi3"])
+def test_other_families_heads_and_final_residual(arch):
+    """Per-head sites exist for every family (GPT-2 Conv1D c_proj, NeoX dense, Qwen3/Gemma 3 o_proj), also on a
+    torch.ao int8-dynamic variant (quantized modules), and the final residual restores the whole gap."""
+    torch.set_num_threads(1)
+    ref = tiny_loaded(arch)
+    var = quantize(ref, "int8-dynamic")
+    b = [build_batch(_prompts(3), "refusal-logprob", [[5, 6]] * 3, [9])]
+    comps = components(ref, ["heads"]) + [Component(ref.n_layers, "resid_pre")]
+    run = activation_patch(ref, var, b, Metric(), comps, modes=("restore",))
+    assert run.results[-1].gap_restored == pytest.approx(1.0, abs=1e-5)
+    assert len(run.results) == 4 * ref.n_layers + 1

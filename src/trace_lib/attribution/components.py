@@ -104,7 +104,8 @@ def site(loaded, comp: Component) -> tuple[HookSite, slice | None]:
     except HookError as e:
         raise AttributionError(str(e)) from None
     path, mod = o_proj(loaded, comp.layer)
-    width = mod.weight.shape[1] if isinstance(mod, nn.Linear) else mod.weight.shape[0]  # GPT-2 Conv1D: [in, out]
+    # nn.Linear and torch.ao's quantized Linear: in_features; GPT-2 Conv1D: nx (its weight is [in, out])
+    width = getattr(mod, "in_features", None) or getattr(mod, "nx", None) or mod.weight.shape[0]
     heads = n_heads(loaded)
     if width % heads:
         raise AttributionError(f"{path} has input width {width}, not a multiple of {heads} heads")
