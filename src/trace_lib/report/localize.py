@@ -39,7 +39,7 @@ def heatmap_svg(names: Sequence[str], panels: Mapping[str, Sequence[float]], pre
     if not grids:
         return ""
     finite = [x for _, _, g in grids.values() for row in g for x in row if math.isfinite(x)]
-    vmax = max(1.0, max(abs(x) for x in finite))
+    vmax = max(1e-12, max(abs(x) for x in finite))  # symmetric: white is 0, the strongest cell saturates
 
     def build():
         rows0, layers0, _ = next(iter(grids.values()))
