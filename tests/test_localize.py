@@ -328,7 +328,8 @@ def test_localize_refuses_without_refusals_or_gap(tiny_folder):
 
 def test_localize_result_round_trip(tiny_folder):
     r = localize(str(tiny_folder), "int2-rtn-g32", n_prompts=8, refusal_reply="I can't help with that.",
-                 n_weight_check=2)
+                 n_weight_check=2, graddrop=True)
+    assert "GradDrop" in r.summary() and len(r.atp["graddrop"]) == len(r.components)
     assert r.gap["lo"] > 0 or r.gap["hi"] < 0
     assert [p["component"] for p in r.patch] == r.components == r.atp["components"]
     assert r.comparison["n"] == len(r.components) and r.weights and r.decomposition

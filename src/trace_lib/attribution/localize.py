@@ -112,7 +112,8 @@ class LocalizeResult:
             c = self.comparison
             lines.append(f"AtP vs patching over {c['n']} components: Spearman {c['spearman_inject']:.3f} (inject), "
                          f"{c['spearman_restore']:.3f} (restore); false negatives in the true top 10: "
-                         f"{100 * c['fnr_top10']:.0f}%")
+                         f"{100 * c['fnr_top10']:.0f}%"
+                         + (f" (GradDrop {100 * c['fnr_top10_graddrop']:.0f}%)" if "fnr_top10_graddrop" in c else ""))
         if self.weights:
             w = self.weights
             lines.append(f"weight matrices by estimated fraction of the gap (measured un-quantize restore where run), "
@@ -243,6 +244,8 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
                              "spearman_restore": spearman(result.atp["fraction"], res),
                              "fnr_top10": false_negative_rate(inj, result.atp["fraction"], 10),
                              "fnr_top10_restore": false_negative_rate(res, result.atp["fraction"], 10)}
+        if result.atp.get("graddrop"):
+            result.comparison["fnr_top10_graddrop"] = false_negative_rate(inj, result.atp["graddrop"], 10)
     if want_weights:
         try:
             w = weight_attribution(ref, var, batches, met, gap.value, float(m_var.double().mean()),
