@@ -421,3 +421,14 @@ def test_other_families_heads_and_final_residual(arch):
     run = activation_patch(ref, var, b, Metric(), comps, modes=("restore",))
     assert run.results[-1].gap_restored == pytest.approx(1.0, abs=1e-5)
     assert len(run.results) == 4 * ref.n_layers + 1
+
+
+def test_residual_read_by_the_direction_metric_is_patchable(ref):
+    """M reads the residual after block 1; patching L2.resid_pre (that same residual) restores exactly 1, and
+    nothing after it matters."""
+    var = from_model(quantize(ref, "int2-rtn-g32").model, name="int2")
+    met, batches = Metric("direction", _r_hat(), 1), _batches("direction")
+    run = activation_patch(ref, var, batches, met, [Component(2, "resid_pre"), Component(2, "attn"),
+                                                    Component(3, "resid_pre")])
+    assert [r.gap_restored for r in run.results] == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)
+

@@ -2,8 +2,10 @@
 
 A :class:`Component` names one activation of the forward pass, in TransformerLens terms:
 
-``L{i}.resid_pre``   the residual stream entering block i (``blocks.{i}.hook_resid_pre``); ``L{n}.resid_pre``
-                     with n = n_layers is the final residual stream (``blocks.{n-1}.hook_resid_post``)
+``L{i}.resid_pre``   the residual stream entering block i; taken where it is made, as the output of block i-1
+                     (``blocks.{i-1}.hook_resid_post``, the same tensor as ``blocks.{i}.hook_resid_pre``), so a
+                     metric read after block i-1 sees the patch; ``L0.resid_pre`` is ``blocks.0.hook_resid_pre``
+                     and ``L{n}.resid_pre`` with n = n_layers the final residual stream
 ``L{i}.attn``        what block i's attention adds to the residual stream (``blocks.{i}.hook_attn_out``)
 ``L{i}.mlp``         what block i's MLP adds (``blocks.{i}.hook_mlp_out``)
 ``L{i}.H{h}``        query head h's output before the output projection (``blocks.{i}.attn.hook_z``): the
@@ -96,9 +98,9 @@ def site(loaded, comp: Component) -> tuple[HookSite, slice | None]:
     arch = loaded.arch
     try:
         if comp.kind == "resid_pre":
-            if comp.layer == loaded.n_layers:
-                return arch.site(f"blocks.{comp.layer - 1}.hook_resid_post"), None
-            return arch.site(f"blocks.{comp.layer}.hook_resid_pre"), None
+            if comp.layer == 0:
+                return arch.site("blocks.0.hook_resid_pre"), None
+            return arch.site(f"blocks.{comp.layer - 1}.hook_resid_post"), None
         if comp.kind in ("attn", "mlp"):
             return arch.site(f"blocks.{comp.layer}.hook_{comp.kind}_out"), None
     except HookError as e:
