@@ -432,3 +432,25 @@ def test_residual_read_by_the_direction_metric_is_patchable(ref):
                                                     Component(3, "resid_pre")])
     assert [r.gap_restored for r in run.results] == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("kind", ["refusal-logprob", "direction"])
+def test_replay_from_the_patched_block_gives_the_same_numbers(arch, kind):
+    """Starting each patched forward at the patched block (cached residual before it) changes no number."""
+    torch.set_num_threads(1)
+    ref = tiny_loaded(arch)
+    var = quantize(ref, "int8-dynamic" if arch in ("gpt2", "phi3") else "int2-rtn-g32")
+    met = Metric() if kind == "refusal-logprob" else Metric("direction", _r_hat(), 1)
+    b = _batches(kind)[:1]
+    comps = components(ref, ["resid", "attn", "mlp"]) + [Component(2, "head", 1)]
+    calls = []
+    for m in (ref, var):
+        m.arch.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    fast = activation_patch(ref, var, b, met, comps)
+    n_fast = len(calls)
+    slow = activation_patch(ref, var, b, met, comps, replay=False)
+    assert n_fast < len(calls) - n_fast  # block 0 ran only for patches at layer 0 and the caches
+    for f, s in zip(fast.results, slow.results):
+        assert f.gap_restored == pytest.approx(s.gap_restored, abs=1e-6), f.component
+        assert f.gap_introduced == pytest.approx(s.gap_introduced, abs=1e-6), f.component

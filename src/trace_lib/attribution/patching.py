@@ -15,7 +15,9 @@ with ``gap = mean M_ref - mean M_var`` over the same prompts. Means are over pro
 
 Each prompt batch runs once through each model with every site recorded (the cached activations also give
 M_ref and M_var), then once per component and mode with one site patched: 2 + 2 x components forwards per
-batch. Sites are :class:`~trace_lib.models.arch.HookSite` objects patched through
+batch. A patched forward starts at the patched block: the blocks before it, whose outputs are the cached run's,
+are stood in for by stubs that return the cached residual (:func:`replay_from`), so a component at layer i
+costs (n - i) / n of a forward pass. Sites are :class:`~trace_lib.models.arch.HookSite` objects patched through
 :func:`trace_lib.capture.splice.register_replacement`.
 """
 
@@ -27,10 +29,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from trace_lib.attribution.components import Component, site
 from trace_lib.attribution.metric import Metric, MetricBatch, metric_values
-from trace_lib.capture.splice import register_replacement
+from trace_lib.capture.splice import _rebuild, register_replacement
 from trace_lib.errors import AttributionError
 from trace_lib.progress import track
 
@@ -125,10 +128,62 @@ def patched(hook_site, head: slice | None, source: torch.Tensor, mask: torch.Ten
 
 
 def cache(loaded, batch: MetricBatch, metric: Metric, sites: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One forward pass: the activation at every site (sites the metric never reaches are absent) and M."""
-    with torch.no_grad(), recording(sites) as store:
-        m = metric_values(loaded, batch, metric)
-    return dict(store), m
+    """One forward pass: the activation at every site (sites the metric never reaches are absent) and M.
+    ``store["<block output>"]`` keeps block 0's raw output, the template :func:`replay_from` imitates."""
+    block0 = {}
+    handle = loaded.arch.layers[0].register_forward_hook(lambda m, a, out: block0.setdefault("out", out))
+    try:
+        with torch.no_grad(), recording(sites) as store:
+            m = metric_values(loaded, batch, metric)
+    finally:
+        handle.remove()
+    out = dict(store)
+    if "out" in block0:
+        out[_TEMPLATE] = block0["out"]
+    return out, m
+
+
+_TEMPLATE = "<block output>"
+
+
+class _Replay(nn.Module):
+    """Stands in for a block before the patched one: returns the cached residual, shaped like a block's output."""
+
+    def __init__(self, template, value: torch.Tensor) -> None:
+        super().__init__()
+        self.template, self.value = template, value
+
+    def forward(self, *args, **kwargs):  # noqa: ARG002 - a block's call signature, ignored
+        return _rebuild(self.template, self.value)
+
+
+def start_layer(comp: Component, metric: Metric, n_layers: int) -> int:
+    """The first block a patched forward must really run: the block whose input or output is patched, and
+    never past the block the direction metric is read after."""
+    first = comp.layer - 1 if comp.kind == "resid_pre" else comp.layer  # resid_pre is block i-1's output
+    if metric.kind == "direction":
+        first = min(first, metric.layer)
+    return max(0, min(first, n_layers - 1))
+
+
+@contextmanager
+def replay_from(loaded, layer: int, acts: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, blocks ``0..layer-1`` return the cached input of block ``layer`` (taken from ``acts``,
+    recorded by :func:`cache`) instead of computing it; nothing is replaced when it was not recorded."""
+    key = f"blocks.{layer - 1}.hook_resid_post"
+    if layer <= 0 or key not in acts or _TEMPLATE not in acts:
+        yield
+        return
+    blocks = loaded.arch.layers
+    saved = [blocks[j] for j in range(layer)]
+    stub = _Replay(acts[_TEMPLATE], acts[key])
+    try:
+        for j in range(layer):
+            blocks[j] = stub
+        yield
+    finally:
+        for j, block in enumerate(saved):
+            blocks[j] = block
 
 
 def check_pair(reference, variant) -> None:
@@ -145,15 +200,18 @@ def check_pair(reference, variant) -> None:
 
 def activation_patch(reference, variant, batches: Sequence[MetricBatch], metric: Metric,
                      components: Sequence[Component] | Component, positions: str | Sequence[int] = "all",
-                     modes: Sequence[str] = MODES) -> PatchRun:
-    """Restore- and/or inject-patch every component (see the module docstring) over all ``batches``."""
+                     modes: Sequence[str] = MODES, replay: bool = True) -> PatchRun:
+    """Restore- and/or inject-patch every component (see the module docstring) over all ``batches``; with
+    ``replay`` each patched forward starts at the patched block (same numbers, fewer blocks run)."""
     check_pair(reference, variant)
     comps = [components] if isinstance(components, Component) else list(components)
     for m in modes:
         if m not in MODES:
             raise AttributionError(f"patching mode must be restore or inject, not {m!r}")
-    sites, where = sites_of(reference, comps)
-    var_sites, _ = sites_of(variant, comps)
+    starts = {c: start_layer(c, metric, reference.n_layers) if replay else 0 for c in comps}
+    inputs = [Component(i, "resid_pre") for i in sorted(set(starts.values())) if i > 0]  # cached for replay
+    sites, where = sites_of(reference, comps + inputs)
+    var_sites, _ = sites_of(variant, comps + inputs)
     sums = {(c, m): 0.0 for c in comps for m in modes}
     m_ref_all, m_var_all = [], []
     n_fwd = 0
@@ -173,7 +231,8 @@ def activation_patch(reference, variant, batches: Sequence[MetricBatch], metric:
                     sums[(c, mode)] += float(base.double().sum())
                     continue
                 target = var_sites[name] if mode == "restore" else sites[name]
-                with torch.no_grad(), patched(target, head, src[name], mask):
+                own = a_var if mode == "restore" else a_ref  # the patched model's own run up to the patch
+                with torch.no_grad(), replay_from(model, starts[c], own), patched(target, head, src[name], mask):
                     sums[(c, mode)] += float(metric_values(model, batch, metric).double().sum())
                 n_fwd += 1
     m_ref_t, m_var_t = torch.cat(m_ref_all), torch.cat(m_var_all)
