@@ -454,3 +454,20 @@ def test_replay_from_the_patched_block_gives_the_same_numbers(arch, kind):
     for f, s in zip(fast.results, slow.results):
         assert f.gap_restored == pytest.approx(s.gap_restored, abs=1e-6), f.component
         assert f.gap_introduced == pytest.approx(s.gap_introduced, abs=1e-6), f.component
+
+
+@pytest.mark.parametrize("kind", ["refusal-logprob", "direction"])
+def test_unquantize_runs_from_the_linears_block_give_the_same_numbers(ref, kind):
+    var = quantize(ref, "int4-rtn-g32")
+    met, batches = METRICS[kind](), _batches(kind)
+    m_ref, m_var = _mean(ref, batches, met), _mean(var, batches, met)
+    args = (ref, var, batches, met, m_ref - m_var, m_var)
+    fast = weight_attribution(*args, exact="all")
+    slow = weight_attribution(*args, exact="all", replay=False)
+    assert fast.restored.keys() == slow.restored.keys() and len(fast.restored) == 21
+    for n, v in fast.restored.items():
+        assert v == pytest.approx(slow.restored[n], abs=1e-6), n
+    with unquantized(ref, var, ["model.layers.1.mlp.down_proj"]):  # and one of them directly
+        direct = (_mean(var, batches, met) - m_var) / (m_ref - m_var)
+    assert fast.restored["model.layers.1.mlp.down_proj"] == pytest.approx(direct, abs=1e-6)
+

@@ -7,6 +7,8 @@ each Linear whose weights differ from the reference's W_ref:
 
       restored(W) = (mean M_var[W <- W_ref] - mean M_var) / gap
 
+  (each such run starts at W's block, the blocks before it replaying the variant's cached residual)
+
 * **first-order estimate**, for every Linear from one backward pass of the reference::
 
       e(W) = (W_var - W_ref) . dM-bar/dW |_reference          estimated fraction = -e(W) / gap
@@ -28,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from trace_lib.attribution.components import Component
 from trace_lib.attribution.metric import Metric, MetricBatch, metric_values
-from trace_lib.attribution.patching import check_pair
+from trace_lib.attribution.patching import cache, check_pair, replay_from, sites_of
 from trace_lib.errors import AttributionError
 from trace_lib.progress import track
 
@@ -100,13 +103,35 @@ def unquantized(reference, variant, names: Sequence[str]) -> Iterator[None]:
             w.data.copy_(data)
 
 
-def _mean_metric(loaded, batches: Sequence[MetricBatch], metric: Metric) -> float:
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for b in batches:
-            total += float(metric_values(loaded, b, metric).double().sum())
-            n += b.n_prompts
-    return total / n
+def _block_of(loaded, name: str) -> int:
+    """The decoder block a module lives in (0 for modules outside the blocks)."""
+    prefix = loaded.arch.layers_path + "."
+    if name.startswith(prefix):
+        head = name[len(prefix):].split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return 0
+
+
+def _restore_each(reference, variant, batches: Sequence[MetricBatch], metric: Metric, names: Sequence[str],
+                  replay: bool) -> dict[str, float]:
+    """Mean M of the variant with each Linear of ``names`` un-quantized in turn. With ``replay`` the variant's
+    run is cached once per batch and each restored run starts at the Linear's block (the blocks before it are
+    unchanged, :func:`~trace_lib.attribution.patching.replay_from`)."""
+    starts = {}
+    for n in names:
+        s = _block_of(variant, n) if replay else 0
+        starts[n] = min(s, metric.layer) if metric.kind == "direction" else s
+    sites, _ = sites_of(variant, [Component(i, "resid_pre") for i in sorted(set(starts.values())) if i > 0])
+    totals = dict.fromkeys(names, 0.0)
+    count = 0
+    for b in track(list(batches), "un-quantizing Linears"):
+        acts, _ = cache(variant, b, metric, sites) if sites else ({}, None)
+        for n in names:
+            with unquantized(reference, variant, [n]), torch.no_grad(), replay_from(variant, starts[n], acts):
+                totals[n] += float(metric_values(variant, b, metric).double().sum())
+        count += b.n_prompts
+    return {n: t / count for n, t in totals.items()}
 
 
 def first_order(reference, variant, batches: Sequence[MetricBatch], metric: Metric, names: Sequence[str]
@@ -140,7 +165,7 @@ def first_order(reference, variant, batches: Sequence[MetricBatch], metric: Metr
 
 def weight_attribution(reference, variant, batches: Sequence[MetricBatch], metric: Metric, gap: float,
                        m_var: float, exact: Sequence[str] | str = "top+random", n_top: int = 20, n_random: int = 20,
-                       seed: int = 0) -> WeightResult:
+                       seed: int = 0, replay: bool = True) -> WeightResult:
     """First-order estimate for every differing Linear, and the exact un-quantize restore for ``exact``: a list
     of names, ``"all"``, or ``"top+random"`` (the ``n_top`` largest estimates and ``n_random`` others, seeded)."""
     check_pair(reference, variant)
@@ -163,8 +188,6 @@ def weight_attribution(reference, variant, batches: Sequence[MetricBatch], metri
         unknown = [n for n in chosen if n not in names]
         if unknown:
             raise AttributionError(f"{unknown[0]} is not a Linear whose weights differ in {variant.name}")
-    restored = {}
-    for n in track(chosen, "un-quantizing Linears"):
-        with unquantized(reference, variant, [n]):
-            restored[n] = (_mean_metric(variant, batches, metric) - m_var) / gap
+    restored = _restore_each(reference, variant, batches, metric, chosen, replay)
+    restored = {n: (v - m_var) / gap for n, v in restored.items()}
     return WeightResult(names, est, frac, restored, gap, t1 - t0, time.perf_counter() - t1)
