@@ -49,3 +49,12 @@ class InvalidValueError(TraceError):
 
 class OutputPathError(TraceError):
     """An output path that cannot be written, or that would overwrite an input."""
+
+
+class AttributionError(TraceError):
+    """A localisation that cannot run: models that do not match, or a component that does not exist."""
+
+
+class NoGapError(AttributionError):
+    """Nothing to attribute: the reference refuses none of the prompts, or the variant's gap is not
+    distinguishable from zero (its bootstrap interval includes 0)."""

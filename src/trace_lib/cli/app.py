@@ -57,6 +57,7 @@ def version() -> None:
 def _register() -> None:
     from trace_lib.cli.audit import audit_command
     from trace_lib.cli.compare import compare_command
+    from trace_lib.cli.localize import localize_command
     from trace_lib.cli.organism import organism_app
     from trace_lib.cli.redteam import redteam_command
     from trace_lib.cli.report import report_command
@@ -64,7 +65,8 @@ def _register() -> None:
     from trace_lib.cli.tracer import tracer_command
 
     for name, fn in (("compare", compare_command), ("audit", audit_command), ("sweep", sweep_command),
-                     ("redteam", redteam_command), ("report", report_command), ("tracer", tracer_command)):
+                     ("redteam", redteam_command), ("report", report_command), ("tracer", tracer_command),
+                     ("localize", localize_command)):
         app.command(name)(fn)
     app.add_typer(organism_app, name="organism")
 
