@@ -79,8 +79,10 @@ MAKERS = {"trace.audit": _audit, "trace.sweep": _sweep, "trace.compare": _compar
 # ------------------------------------------------------------------------------------------------ registry
 def test_every_result_kind_is_registered_in_order():
     reg = registered_results()
-    assert list(reg) == ["trace.audit", "trace.sweep", "trace.compare", "trace.redteam"]
-    assert [reg[k].cls for k in reg] == [AuditResult, SweepResult, CompareResult, RedTeamResult]
+    from trace_lib.attribution.localize import LocalizeResult
+
+    assert list(reg) == ["trace.audit", "trace.sweep", "trace.compare", "trace.redteam", "trace.localize"]
+    assert [reg[k].cls for k in reg] == [AuditResult, SweepResult, CompareResult, RedTeamResult, LocalizeResult]
     assert all(reg[k].version == 1 and reg[k].cls.RESULT_KIND == k and reg[k].cls.RESULT_VERSION == 1 for k in reg)
     assert list(KINDS) == list(RESULT_MODULES)
     assert KINDS["trace.audit"] == (1, "trace audit") and KINDS["trace.redteam"] == (1, "trace redteam")
