@@ -143,3 +143,27 @@ def test_tracer_page_loads_clean_with_its_table_and_plots(tracer_page, tmp_path)
         "OK", "CHECK", "WARNING")
     plots = {a.get("data-plot") for t, a in page.elements if t == "svg" and "plot" in a.get("class", "")}
     assert {"quant-error", "logit-lens", "attention", "kv-cache"} <= plots
+
+
+@pytest.fixture(scope="module")
+def localize_page(tiny_folder, tmp_path_factory) -> Path:
+    from trace_lib.attribution import localize
+
+    r = localize(str(tiny_folder), "int2-rtn-g32", n_prompts=8, refusal_reply="I can't help with that.",
+                 n_weight_check=2)
+    return write_html(r, tmp_path_factory.mktemp("localize-page") / "localize.html")
+
+
+def test_localize_page_loads_clean_with_its_heatmaps_and_tables(localize_page, tmp_path):
+    """The localize page: no console message, its script runs to its end, its tables sortable, the restore /
+    inject heatmap, the AtP-vs-patching scatter and the weight ranking there."""
+    dom, console = chromium(localize_page.as_uri(), tmp_path, "--dump-dom")
+    assert console == [], "console messages:\n" + "\n".join(console)
+    page = Page(dom)
+    root = next(a for t, a in page.elements if t == "html")
+    assert root.get("data-report-js") == "ready", "the page's script did not run to its end"
+    tables = [a for t, a in page.elements if t == "table" and "sortable" in a.get("class", "")]
+    assert all(a.get("data-sortable") == "ready" for a in tables)
+    ids = {a.get("id") for _, a in page.elements}
+    assert {"verdict", "components", "atp", "weights", "direction", "models"} <= ids
+    assert sum(t == "svg" and "plot" in a.get("class", "") for t, a in page.elements) >= 3
