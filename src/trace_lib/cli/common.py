@@ -94,24 +94,23 @@ def dataset_spec(ctx: typer.Context, param: Any, value: Any) -> Any:
     return value
 
 
-def existing_file(what: str) -> Callable:
-    """Option callback: an existing, readable file (``what`` names it in the message)."""
-
+def _existing(check_path: Callable[[Any, str], Any], what: str) -> Callable:
     def check(ctx: typer.Context, param: Any, value: Any) -> Any:
         if value is not None:
-            check_input_file(value, what)
+            check_path(value, what)
         return value
 
     return check
+
+
+def existing_file(what: str) -> Callable:
+    """Option callback: an existing, readable file (``what`` names it in the message)."""
+    return _existing(check_input_file, what)
 
 
 def existing_dir(what: str) -> Callable:
-    def check(ctx: typer.Context, param: Any, value: Any) -> Any:
-        if value is not None:
-            check_input_dir(value, what)
-        return value
-
-    return check
+    """Option callback: an existing folder (``what`` names it in the message)."""
+    return _existing(check_input_dir, what)
 
 
 def nonempty_text(ctx: typer.Context, param: Any, value: Any) -> Any:
