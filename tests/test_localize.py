@@ -21,6 +21,7 @@ from trace_lib.attribution import (
     gap_interval,
     localize,
     metric_values,
+    pack_batch,
     spearman,
     weight_attribution,
 )
@@ -117,6 +118,58 @@ def test_direction_metric_equals_projection(ref):
         hs = ref.model(b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states[2]
     expect = hs[torch.arange(3), b.prompt_len - 1] @ r
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def _shared_prompts(n: int = 6) -> list[list[int]]:
+    """Prompts that start with one 'chat template' prefix, as chat-formatted prompts do."""
+    return [[1, 2, 3, 4] + p for p in _prompts(n)]
+
+
+@pytest.mark.parametrize("kind", ["refusal-logprob", "direction"])
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_batch_gives_the_unpacked_metric(ref, kind, share):
+    """Packing prompts into one tree-masked row changes no token's context, so M is the unpacked M."""
+    p = _shared_prompts()
+    reps = [[5, 6, 7], [8], [9, 10, 11, 12], [5], [6, 7], [8, 9]]
+    metric = METRICS[kind]() if kind == "direction" else Metric()
+    plain = build_batch(p, kind, reps, [9, 10])
+    packed = pack_batch(p, kind, reps, [9, 10], per_row=4, share_prefix=share)
+    fewer = packed.attention_mask.sum() < plain.attention_mask.sum()
+    assert packed.input_ids.shape[0] == 2 and (fewer or (kind == "direction" and not share))
+    with torch.no_grad():
+        torch.testing.assert_close(metric_values(ref, packed, metric), metric_values(ref, plain, metric),
+                                   atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "last", [0, 1]])
+def test_packed_batches_patch_and_attribute_like_unpacked(ref, positions):
+    """Patching and AtP over packed batches give the unpacked numbers (shared tokens count once but carry both
+    branches' gradients, exactly as their two unpacked copies do)."""
+    var = _mlp_plant(ref)
+    p = _shared_prompts()
+    reps = [[5, 6, 7]] * 6
+    plain = [build_batch(p[i:i + 3], "refusal-logprob", reps[i:i + 3], [9, 10]) for i in (0, 3)]
+    packed = [pack_batch(p[i:i + 3], "refusal-logprob", reps[i:i + 3], [9, 10], per_row=3) for i in (0, 3)]
+    comps = [Component(0, "resid_pre"), Component(PLANT_LAYER, "mlp"), Component(PLANT_LAYER, "head", 1)]
+    a = activation_patch(ref, var, plain, Metric(), comps, positions)
+    b = activation_patch(ref, var, packed, Metric(), comps, positions)
+    for x, y in zip(a.results, b.results):
+        assert x.gap_restored == pytest.approx(y.gap_restored, abs=1e-4)
+        assert x.gap_introduced == pytest.approx(y.gap_introduced, abs=1e-4)
+    np.testing.assert_allclose(attribution_patch(ref, var, packed, Metric(), comps, positions).fraction,
+                               attribution_patch(ref, var, plain, Metric(), comps, positions).fraction, atol=1e-4)
+
+
+def test_packed_decomposition_and_reach(ref):
+    p = _shared_prompts()
+    plain = [build_batch(p, "direction")]
+    packed = [pack_batch(p, "direction", per_row=4)]
+    a, b = decompose(ref, plain, _r_hat(), 2).to_dict(), decompose(ref, packed, _r_hat(), 2).to_dict()
+    np.testing.assert_allclose(np.array(a["mlp"]), np.array(b["mlp"]), atol=1e-5)
+    np.testing.assert_allclose(np.array(a["attn"]), np.array(b["attn"]), atol=1e-5)
+    with pytest.raises(AttributionError, match="share_prefix=False"):
+        packed[0].positions([-6])  # reaches the shared prefix [1, 2, 3, 4] of a 9-token prompt
+    assert packed[0].positions([-1]).sum() == len(p)
 
 
 def test_gap_interval_is_seeded_and_refuses_zero():

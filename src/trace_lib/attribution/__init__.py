@@ -10,12 +10,12 @@ from trace_lib.attribution.components import Component
 from trace_lib.attribution.decompose import Decomposition, decompose
 from trace_lib.attribution.inputs import Direction, fit_direction, make_batches, reference_refusals
 from trace_lib.attribution.localize import LocalizeResult, localize
-from trace_lib.attribution.metric import Gap, Metric, MetricBatch, build_batch, gap_interval, metric_values
+from trace_lib.attribution.metric import Gap, Metric, MetricBatch, build_batch, gap_interval, metric_values, pack_batch
 from trace_lib.attribution.patching import PatchResult, PatchRun, activation_patch
 from trace_lib.attribution.weights import WeightResult, differing_linears, first_order, weight_attribution
 
 __all__ = ["AtPResult", "Component", "Decomposition", "Direction", "Gap", "LocalizeResult", "Metric",
            "MetricBatch", "PatchResult", "PatchRun", "WeightResult", "activation_patch", "attribution_patch",
            "build_batch", "decompose", "differing_linears", "false_negative_rate", "first_order",
-           "fit_direction", "gap_interval", "localize", "make_batches", "metric_values", "reference_refusals",
+           "fit_direction", "gap_interval", "localize", "make_batches", "metric_values", "pack_batch", "reference_refusals",
            "spearman", "weight_attribution"]

@@ -53,7 +53,7 @@ def _head_vectors(loaded, layer: int, r_hat: torch.Tensor) -> tuple[torch.Tensor
 
 
 def decompose(loaded, batches: Sequence[MetricBatch], r_hat: torch.Tensor, layer: int) -> Decomposition:
-    """Mean projection onto ``r_hat`` of every writer up to block ``layer``, at each row's ``read_pos``."""
+    """Mean projection onto ``r_hat`` of every writer up to block ``layer``, at the batches' read positions."""
     r_hat = r_hat.float()
     split = loaded.arch.model_type in _HEAD_SPLIT and not loaded.arch.layout.parallel
     comps = [Component(0, "resid_pre"), Component(layer + 1, "resid_pre")]
@@ -66,13 +66,12 @@ def decompose(loaded, batches: Sequence[MetricBatch], r_hat: torch.Tensor, layer
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for b in batches:
-        rows = torch.nonzero(b.read_pos >= 0).squeeze(-1)
         with torch.no_grad(), recording(sites) as store:
-            loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            loaded.model(**b.forward_kwargs(next(loaded.model.parameters()).dtype), use_cache=False)
         for name, t in store.items():
-            x = t[rows, b.read_pos[rows]].float()
+            x = t[b.read.to(t.device)].float()
             sums[name] = sums.get(name, 0) + x.sum(0)
-        n += len(rows)
+        n += int(b.read.sum())
     mean = {k: v / n for k, v in sums.items()}
 
     def proj(c: Component) -> float:

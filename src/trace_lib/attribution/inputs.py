@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trace_lib.attribution.metric import COMPLIANCE, MetricBatch, build_batch
+from trace_lib.attribution.metric import COMPLIANCE, MetricBatch, build_batch, pack_batch
 from trace_lib.capture.hooks import iter_activations
 from trace_lib.capture.inputs import encode_prompts, prompt_batches
 from trace_lib.errors import AttributionError, DatasetError, NoGapError
@@ -61,9 +61,14 @@ def _tokens(tokenizer, text: str, k: int) -> list[int]:
 
 
 def make_batches(tokenizer, prompts: Sequence[str], kind: str, replies: Sequence[str] = (), batch_size: int = 8,
-                 reply_tokens: int = 4, compliance: str = COMPLIANCE, max_length: int = 256) -> list[MetricBatch]:
+                 reply_tokens: int = 4, compliance: str = COMPLIANCE, max_length: int = 256, pack: bool = True,
+                 share_prefix: bool = True, window: int | None = None) -> list[MetricBatch]:
     """Chat-formatted prompts (cut to ``max_length`` tokens inside the user message) as :class:`MetricBatch`es;
-    the refusal metric teacher-forces the first ``reply_tokens`` tokens of each reply and of ``compliance``."""
+    the refusal metric teacher-forces the first ``reply_tokens`` tokens of each reply and of ``compliance``.
+
+    With ``pack`` each batch is one packed row (:func:`~trace_lib.attribution.metric.pack_batch`; the shared
+    chat-template prefix once when ``share_prefix``), unless that row would be longer than ``window`` (a
+    sliding-attention window, which a custom mask would override): then it is one padded row per continuation."""
     if tokenizer is None:
         raise AttributionError("the reference has no tokenizer; build MetricBatch inputs from token ids instead")
     ids, _ = encode_prompts(tokenizer, list(prompts), max_length, why=f"to fit {max_length} tokens")
@@ -72,7 +77,9 @@ def make_batches(tokenizer, prompts: Sequence[str], kind: str, replies: Sequence
     reps = [_tokens(tokenizer, r, reply_tokens) for r in replies] if kind == "refusal-logprob" else []
     out = []
     for i in range(0, len(ids), batch_size):
-        out.append(build_batch(ids[i:i + batch_size], kind, reps[i:i + batch_size], comp, pad))
+        args = (ids[i:i + batch_size], kind, reps[i:i + batch_size], comp, pad)
+        b = pack_batch(*args, per_row=batch_size, share_prefix=share_prefix) if pack else None
+        out.append(b if b is not None and (window is None or b.input_ids.shape[1] <= window) else build_batch(*args))
     return out
 
 

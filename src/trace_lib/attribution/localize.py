@@ -196,7 +196,9 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
             skipped["decomposition"] = "the dataset has no harmless prompts to fit a refusal direction on"
     met = Metric(metric, direction.r_hat if metric == "direction" else None,
                  direction.layer if metric == "direction" else None)
-    batches = make_batches(ref.tokenizer, kept, metric, replies, batch_size, reply_tokens, compliance)
+    window = getattr(getattr(ref.model, "config", None), "sliding_window", None)
+    batches = make_batches(ref.tokenizer, kept, metric, replies, batch_size, reply_tokens, compliance,
+                           share_prefix=isinstance(positions, str), window=window)
     t0 = time.perf_counter()
     import torch
 
@@ -246,7 +248,7 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
             seconds["weights"] = w.seconds_estimate + w.seconds_exact
     if direction is not None and with_decomposition:
         t0 = time.perf_counter()
-        dir_batches = make_batches(ref.tokenizer, kept, "direction", batch_size=batch_size)
+        dir_batches = make_batches(ref.tokenizer, kept, "direction", batch_size=batch_size, window=window)
         result.decomposition = {"layer": direction.layer,
                                 "reference": decompose(ref, dir_batches, direction.r_hat, direction.layer).to_dict(),
                                 "variant": decompose(var, dir_batches, direction.r_hat, direction.layer).to_dict()}

@@ -22,8 +22,11 @@ The *gap* of a variant is ``mean_x (M_ref(x) - M_var(x))`` over the harmful prom
 :func:`gap_interval` gives its seeded percentile-bootstrap interval and :func:`check_gap` refuses to attribute
 a gap whose interval contains 0.
 
-Inputs are token-level (:class:`MetricBatch`), so every model sees exactly the same tokens; each row is
-right-padded, so a row's real tokens keep the positions they have unpadded.
+Inputs are token-level (:class:`MetricBatch`), so every model sees exactly the same tokens. :func:`build_batch`
+gives one right-padded row per teacher-forced continuation; :func:`pack_batch` packs several prompts into one
+row as a tree (their shared chat-template prefix once, each prompt once, each continuation as a branch) with
+explicit position ids and a 4-D attention mask, so every token sees exactly the context it has in its own
+unpacked row and M is the same to float rounding, for about a third of the tokens.
 """
 
 from __future__ import annotations
@@ -56,6 +59,29 @@ class MetricBatch:
     prompt_len: torch.Tensor
     row_prompt: torch.Tensor
     n_prompts: int
+    offsets: torch.Tensor | None = None  # [rows, seq] position minus the post-instruction position; NO_OFFSET: shared
+    position_ids: torch.Tensor | None = None  # packed batches: each token's position in its unpacked row
+    visible: torch.Tensor | None = None  # packed batches: [rows, seq, seq] bool, query t may attend to key s
+    owner: torch.Tensor | None = None  # [rows, seq] the prompt each token's score belongs to (-1: none)
+    read: torch.Tensor | None = None  # [rows, seq] bool, where the direction metric reads
+
+    def __post_init__(self) -> None:
+        idx = torch.arange(self.input_ids.shape[1])
+        if self.offsets is None:
+            self.offsets = idx[None, :] - (self.prompt_len - 1)[:, None]
+        if self.owner is None:
+            self.owner = torch.where(self.attention_mask.bool(), self.row_prompt[:, None], -1)
+        if self.read is None:
+            self.read = idx[None, :] == self.read_pos[:, None]
+
+    def forward_kwargs(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The model inputs: ids and the padding mask, or for a packed batch ids, position ids and an additive
+        4-D mask (0 where visible, the dtype's minimum elsewhere; used as given by transformers' SDPA and eager
+        attention)."""
+        if self.visible is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        mask = torch.zeros(self.visible.shape, dtype=dtype).masked_fill(~self.visible, torch.finfo(dtype).min)
+        return {"input_ids": self.input_ids, "attention_mask": mask[:, None], "position_ids": self.position_ids}
 
     def positions(self, where: str | Sequence[int] = "all") -> torch.Tensor:
         """[rows, seq] bool mask: ``"all"`` real tokens, ``"last"`` the post-instruction position, or offsets
@@ -69,10 +95,21 @@ class MetricBatch:
                                        f"not {where!r}")
             where = [0]
         mask = torch.zeros_like(real)
-        idx = torch.arange(real.shape[1])
         for off in where:
-            mask |= idx[None, :] == (self.prompt_len - 1 + int(off))[:, None]
+            mask |= self.offsets == int(off)
+        if self.visible is not None:
+            self._check_reach(where)
         return mask & real
+
+    def _check_reach(self, where: Sequence[int]) -> None:
+        """A packed batch shares its first tokens between prompts, so offsets that reach them cannot be patched
+        per prompt."""
+        owned = self.offsets != NO_OFFSET
+        deepest = max(int(self.offsets[owned & (self.owner == i)].min()) for i in self.owner[owned].unique().tolist())
+        if min(int(o) for o in where) < deepest:
+            raise AttributionError(f"offset {min(int(o) for o in where)} reaches the chat-template prefix this packed "
+                                   f"batch shares between prompts (offsets down to {deepest} are every prompt's own); "
+                                   "build the batches with share_prefix=False")
 
 
 @dataclass
@@ -130,6 +167,78 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], kind: str, reply_ids: Seque
                        torch.tensor([r[4] for r in rows]), len(prompt_ids))
 
 
+NO_OFFSET = -(1 << 30)
+
+
+def _lcp(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != seqs[0][i] for x in seqs):
+            return i
+    return n
+
+
+def pack_batch(prompt_ids: Sequence[Sequence[int]], kind: str, reply_ids: Sequence[Sequence[int]] = (),
+               compliance_ids: Sequence[int] = (), pad_id: int = 0, per_row: int = 8,
+               share_prefix: bool = True) -> MetricBatch:
+    """The same teacher-forced continuations as :func:`build_batch`, packed ``per_row`` prompts to a row as a
+    tree: the prompts' longest common prefix once (``share_prefix``), then per prompt its remaining tokens but
+    the last, then one branch per continuation that starts with its own copy of the prompt's last token. Each
+    token gets the position id it has unpacked and sees the prefix, its prompt and its own branch (causally),
+    so every logit equals the unpacked row's; a prompt's tokens are run once instead of once per row."""
+    groups = [list(range(i, min(i + per_row, len(prompt_ids)))) for i in range(0, len(prompt_ids), per_row)]
+    built = []  # per row: (ids, pos, owner, branch, offset, target, weight, read)
+    for g in groups:
+        ps = [list(prompt_ids[i]) for i in g]
+        if any(not p for p in ps):
+            raise AttributionError("a prompt has no tokens")
+        s = min(_lcp(ps), min(len(p) for p in ps) - 1) if share_prefix and len(ps) > 1 else 0
+        toks = [(t, j, -1, -1, NO_OFFSET, 0, 0.0, False) for j, t in enumerate(ps[0][:s])]
+        for i, p in zip(g, ps):
+            last = len(p) - 1
+            toks += [(p[j], j, i, -1, j - last, 0, 0.0, False) for j in range(s, last)]
+            if kind == "direction":
+                branches = [([], 0.0)]
+            else:
+                r, c = list(reply_ids[i]), list(compliance_ids)
+                if not r or not c:
+                    raise AttributionError(f"prompt {i}: the refusal reply and the compliance opening need at least "
+                                           "one token each")
+                branches = [(r, 1.0), (c, -1.0)]
+            for b, (cont, sign) in enumerate(branches):
+                seq = [p[-1]] + cont
+                for t in range(len(seq)):
+                    tgt = cont[t] if t < len(cont) else 0
+                    w = sign / len(cont) if t < len(cont) else 0.0
+                    toks.append((seq[t], last + t, i, b, t, tgt, w, kind == "direction" and t == 0))
+        built.append(toks)
+    width = max(len(t) for t in built)
+    n = len(built)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    offsets = torch.full((n, width), NO_OFFSET, dtype=torch.long)
+    targets = torch.zeros((n, width), dtype=torch.long)
+    weights = torch.zeros((n, width), dtype=torch.float32)
+    visible = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)  # padding sees itself only
+    owner = torch.full((n, width), -1, dtype=torch.long)
+    read = torch.zeros((n, width), dtype=torch.bool)
+    for r, toks in enumerate(built):
+        k = len(toks)
+        col = list(zip(*toks))
+        ids[r, :k], pos[r, :k], offsets[r, :k] = torch.tensor(col[0]), torch.tensor(col[1]), torch.tensor(col[4])
+        targets[r, :k], weights[r, :k], mask[r, :k] = torch.tensor(col[5]), torch.tensor(col[6]), 1
+        owner_r, branch = torch.tensor(col[2]), torch.tensor(col[3])
+        causal = torch.ones(k, k, dtype=torch.bool).tril()
+        same = (owner_r[None, :] == -1) | ((owner_r[None, :] == owner_r[:, None])
+                                           & ((branch[None, :] == -1) | (branch[None, :] == branch[:, None])))
+        visible[r, :k, :k] = causal & same
+        owner[r, :k] = owner_r
+        read[r, :k] = torch.tensor(col[7])
+    return MetricBatch(ids, mask, targets, weights, torch.full((n,), -1), torch.zeros(n, dtype=torch.long),
+                       torch.full((n,), -1), len(prompt_ids), offsets, pos, visible, owner, read)
+
+
 def _direction_site(loaded, metric: Metric):
     return loaded.arch.site(f"blocks.{metric.layer}.hook_resid_post")
 
@@ -151,30 +260,33 @@ def metric_values(loaded, batch: MetricBatch, metric: Metric) -> torch.Tensor:
 
         handle = register_replacement(_direction_site(loaded, metric), keep)
         try:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            model(**batch.forward_kwargs(_dtype(loaded)), use_cache=False)
         except _Stop:
             pass
         finally:
             handle.remove()
-        rows = torch.nonzero(batch.read_pos >= 0).squeeze(-1)
-        x = seen["x"][rows, batch.read_pos[rows]]
+        x = seen["x"][batch.read.to(seen["x"].device)]
         vals = x.float() @ metric.direction.to(x.device, torch.float32)
         out = torch.zeros(batch.n_prompts, dtype=torch.float32, device=vals.device)
-        return out.index_add(0, batch.row_prompt[rows].to(vals.device), vals)
+        return out.index_add(0, batch.owner[batch.read].to(vals.device), vals)
     used = batch.weights != 0
     keep_pos = torch.nonzero(used.any(0)).squeeze(-1)  # only positions that are scored get logits
+    kwargs = batch.forward_kwargs(_dtype(loaded))
     try:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       logits_to_keep=keep_pos).logits
+        logits = model(**kwargs, use_cache=False, logits_to_keep=keep_pos).logits
     except TypeError:  # a model without logits_to_keep
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = model(**kwargs, use_cache=False).logits
         logits = logits[:, keep_pos]
     logp = torch.log_softmax(logits.float(), dim=-1)
     tgt = batch.targets[:, keep_pos].to(logp.device)
-    lp = logp.gather(-1, tgt[..., None]).squeeze(-1)
-    per_row = (lp * batch.weights[:, keep_pos].to(lp.device)).sum(-1)
-    out = torch.zeros(batch.n_prompts, dtype=torch.float32, device=per_row.device)
-    return out.index_add(0, batch.row_prompt.to(per_row.device), per_row)
+    lp = logp.gather(-1, tgt[..., None]).squeeze(-1) * batch.weights[:, keep_pos].to(logp.device)
+    scored = used[:, keep_pos]
+    out = torch.zeros(batch.n_prompts, dtype=torch.float32, device=lp.device)
+    return out.index_add(0, batch.owner[:, keep_pos][scored].to(lp.device), lp[scored.to(lp.device)])
+
+
+def _dtype(loaded) -> torch.dtype:
+    return next(loaded.model.parameters()).dtype
 
 
 @dataclass
