@@ -174,7 +174,7 @@ def test_readout_cpfr_is_perfect_for_fp32_and_reported(tiny_audit):
     edited.variants = [dataclasses.replace(int2, features=[dataclasses.replace(worst, kind="safety")])]
     text = edited.summary()
     assert f"readout CPFR {worst.readout_cpfr:.3f}" in text
-    assert f"(encoder readout kept {worst.readout_cpfr:.2f})" in text
+    assert f"encoder readout kept {worst.readout_cpfr:.2f})" in text
 
 
 def test_quick_start_with_saes_from_a_folder(tiny_audit, tiny_folder, tmp_path):

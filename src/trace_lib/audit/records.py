@@ -79,6 +79,20 @@ class FeatureAudit:
     # continuous in the input, so it tells a changed detector from a code switched at the TopK boundary. For a
     # ReLU SAE (the audit's default) the code is the readout and the two CPFRs are equal.
     readout_cpfr: float = float("nan")
+    # Readable damage (metrics/damage.py): "silenced" | "over-fired" | "moved" | "kept" ("" when not measured),
+    # with the ratios it is read from, on the fingerprint tokens the CPFR uses.
+    damage: str = ""
+    mass_ratio: float = float("nan")  # sum of variant codes / sum of reference codes
+    mass_kept: float = float("nan")  # variant / reference mass on the tokens the reference fires on
+    on_target: float = float("nan")  # share of the variant's mass on those tokens
+    firing_jaccard: float = float("nan")  # overlap of the two firing token sets
+
+    @property
+    def damage_text(self) -> str:
+        """``silenced in <variant>: kept 12% of its activation`` without the variant: the label and its detail."""
+        from trace_lib.metrics.damage import damage_phrase
+
+        return f"{self.damage}: {damage_phrase(self.damage, self.mass_ratio, self.mass_kept, self.on_target)}"
 
     @property
     def degradation_pct(self) -> float:
@@ -205,7 +219,7 @@ class VariantAudit:
     def from_dict(cls, d: dict) -> VariantAudit:
         feats = []
         for f in d["features"]:
-            f = {k: (float("nan") if v is None and k not in ("muted",) else v) for k, v in f.items()
+            f = {k: (float("nan") if v is None and k not in ("muted", "damage") else v) for k, v in f.items()
                  if k != "degradation_pct"}
             feats.append(FeatureAudit(**f))
         return cls(d["name"], d["model"], feats, d["hooks"], d["directions"], d["fingerprint_eval"],

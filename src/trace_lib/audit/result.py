@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from trace_lib.audit.records import VariantAudit
 from trace_lib.jsonutil import json_clean
+from trace_lib.metrics.damage import damage_phrase
 from trace_lib.metrics.readout import readout_differs
 from trace_lib.results import ResultFile, register_result
 
@@ -73,10 +74,16 @@ class AuditResult(ResultFile):
                              f"magnitude kept {_f(d['projection_magnitude_kept'])}, held-out AUROC {_f(auc_ref)} -> "
                              f"{_f(auc_var)}")
             for f in deg[:max_warnings]:
-                lines.append(f"    Warning: Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook}) "
-                             f"degraded by {f.degradation_pct:.0f}% in {v.name}"
-                             + (f" (encoder readout kept {_f(f.readout_cpfr, '.2f')})"
-                                if readout_differs(f.readout_cpfr, f.cpfr) else ""))
+                where = f"Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook})"
+                readout = (f", encoder readout kept {_f(f.readout_cpfr, '.2f')}"
+                           if readout_differs(f.readout_cpfr, f.cpfr) else "")
+                if f.damage:  # readable damage (docs/metrics.md); files written before it have none
+                    lines.append(f"    Warning: {where} {f.damage} in {v.name}: "
+                                 f"{damage_phrase(f.damage, f.mass_ratio, f.mass_kept, f.on_target)} "
+                                 f"(CPFR {_f(f.cpfr, '.2f')}{readout})")
+                else:
+                    lines.append(f"    Warning: {where} degraded by {f.degradation_pct:.0f}% in {v.name}"
+                                 + (f" ({readout[2:]})" if readout else ""))
             if len(deg) > max_warnings:
                 lines.append(f"    ... and {len(deg) - max_warnings} more degraded safety features")
         return "\n".join(lines)

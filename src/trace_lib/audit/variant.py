@@ -14,6 +14,7 @@ from trace_lib.compare import variant_output_stats
 from trace_lib.errors import SAEError
 from trace_lib.fingerprint import reduce_prompt_acts
 from trace_lib.metrics.directions import compare_directions, diff_in_means
+from trace_lib.metrics.damage import feature_damage
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.metrics.readout import encode_codes, encoder_readout, prompt_activation_kept
@@ -89,6 +90,7 @@ def compare_variant(ref: ReferenceSide, name: str, model_info: dict, var: Prompt
             muted = set(mute.muted_features)
             smear = FeatureSmearing().detect_smearing(sub_ref, sub_var, feature_ids=ids)
             hs.smeared_pairs, hs.smeared = smear.num_smeared_pairs, smear.pairs[:20]
+            dmg = feature_damage(sub_ref, sub_var)
             for f in recs:
                 r, i = f.record, col[f.record.feature]
                 rows = ref.safety_rows if f.kind == "safety" else torch.arange(ref.prompt_codes[h].shape[0])
@@ -100,7 +102,8 @@ def compare_variant(ref: ReferenceSide, name: str, model_info: dict, var: Prompt
                     firing_rate_ref=float(drift.firing_rate_ref[i]), firing_rate_variant=float(drift.firing_rate_quant[i]),
                     token_muting_rate=float(mute.per_feature_token_muting[i]), muted=r.feature in muted,
                     prompt_activation_kept=prompt_activation_kept(ref.prompt_codes[h], feats_var[h], rows, r.feature),
-                    readout_cpfr=float(readout.per_feature[i])))
+                    readout_cpfr=float(readout.per_feature[i]), damage=dmg.label[i], mass_ratio=dmg.mass_ratio[i],
+                    mass_kept=dmg.kept[i], on_target=dmg.on_target[i], firing_jaccard=dmg.jaccard[i]))
         # For the most degraded fingerprint features here: where the reference fires most, and the variant there.
         worst = sorted((f for f in features if f.hook == h), key=lambda f: f.cpfr)[:n_examples]
         hs.examples = {str(f.feature): top_examples(ref.acts, fp_mask, fp_ref, fp_var, f.feature,
