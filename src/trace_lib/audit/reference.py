@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from trace_lib.fingerprint import SafetyFingerprint, _sae_identity, reduce_promp
 from trace_lib.metrics.directions import diff_in_means
 from trace_lib.metrics.readout import encode_codes, encoder_readout
 from trace_lib.models.load import Loaded
+from trace_lib.sae.fidelity import BasisFidelity, fidelity_of_saes
 from trace_lib.sae.store import MASSIVE_FACTOR
 
 if TYPE_CHECKING:
@@ -144,6 +145,9 @@ class ReferenceSide:
     prompt_forward_s: float
     kl_forward_s: float
     timing: Mapping[str, float]  # sae_s, fingerprint_s, reference_s
+    # hook -> the SAE's quality on the audited tokens (sae/fidelity.py); empty for a hand-made side
+    basis_fidelity: Mapping[str, BasisFidelity] = field(default_factory=lambda: MappingProxyType({}))
+    probes: tuple = ()  # the linear probes fitted on the train split (probes.FittedProbe), one per category/hook
 
     @property
     def hooks(self) -> list[str]:
@@ -227,6 +231,10 @@ def build_reference_side(audit: Audit, dataset: Any = "harmful_refusal_v1",
         si, bi = groups[d.category]
         pos, neg = resid[d.hook][si], resid[d.hook][bi]
         directions.append(ReferenceDirection(d.category, d.hook, diff_in_means(pos, neg), pos, neg))
+    t1 = time.perf_counter()
+    fidelity = fidelity_of_saes(saes, {h: acts.acts[h][mask] for h in hooks}, ref, texts,
+                                batch_size=audit.batch_size)
+    fidelity_s = time.perf_counter() - t1
     kl_texts, kl_info = default_texts()
     kl_ids = pack_texts(ref.tokenizer, kl_texts, audit.kl_ctx, max_sequences=audit.kl_chunks)
     t1 = time.perf_counter()
@@ -247,4 +255,5 @@ def build_reference_side(audit: Audit, dataset: Any = "harmful_refusal_v1",
         threshold=audit.threshold, batch_size=audit.batch_size, seed=audit.seed, kl_ctx=audit.kl_ctx,
         kl_chunks=audit.kl_chunks, prompt_forward_s=prompt_s, kl_forward_s=kl_s,
         timing=ro({"sae_s": round(basis.sae_s, 2), "fingerprint_s": round(basis.fingerprint_s, 2),
-                   "reference_s": round(time.perf_counter() - t_fp, 2)}))
+                   "reference_s": round(time.perf_counter() - t_fp, 2), "fidelity_s": round(fidelity_s, 2)}),
+        basis_fidelity=ro(fidelity))

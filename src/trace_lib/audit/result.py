@@ -11,6 +11,7 @@ from trace_lib.jsonutil import json_clean
 from trace_lib.metrics.damage import damage_phrase
 from trace_lib.metrics.readout import readout_differs
 from trace_lib.results import ResultFile, register_result
+from trace_lib.sae.fidelity import BasisFidelity
 
 RESULT_KIND = "trace.audit"
 RESULT_VERSION = 1
@@ -30,6 +31,16 @@ class AuditResult(ResultFile):
     settings: dict
     timing: dict = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)  # the test prompts, indexed by the examples' "prompt"
+    # hook -> the SAEs' quality on the audited prompts (the reference's; absent from files written before it)
+    basis_fidelity: dict[str, BasisFidelity] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.basis_fidelity = {h: b if isinstance(b, BasisFidelity) else BasisFidelity.from_dict(b)
+                               for h, b in (self.basis_fidelity or {}).items()}
+
+    def basis_warnings(self) -> list[str]:
+        """The basis-fidelity warnings of every hook (empty when every SAE fits the audited prompts)."""
+        return [w for b in self.basis_fidelity.values() for w in b.warnings]
 
     def variant(self, name: str) -> VariantAudit:
         for v in self.variants:
@@ -47,6 +58,8 @@ class AuditResult(ResultFile):
             n = fp["n_features"].get(cat, 0)
             lines.append(f"Fingerprint '{cat}': {n} features, held-out AUROC {_f(ev.get('score_auroc'))} "
                          f"(reference); capability features: {fp.get('n_capability_features', 0)}")
+        lines += [b.line() for b in self.basis_fidelity.values()]
+        lines += self.basis_warnings()
         for v in self.variants:
             deg = v.degraded("safety")
             verdict = "WARNING" if deg else "ok"
@@ -92,10 +105,11 @@ class AuditResult(ResultFile):
         return json_clean({**self.result_header(),
                            "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
                            "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
-                           "variants": [v.to_dict() for v in self.variants]})
+                           "variants": [v.to_dict() for v in self.variants],
+                           "basis_fidelity": {h: b.to_dict() for h, b in self.basis_fidelity.items()}})
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditResult:
         cls.check_format(d)
         return cls(d["reference"], d["dataset"], d["fingerprint"], [VariantAudit.from_dict(v) for v in d["variants"]],
-                   d["settings"], d.get("timing", {}), d.get("prompts", []))
+                   d["settings"], d.get("timing", {}), d.get("prompts", []), d.get("basis_fidelity") or {})

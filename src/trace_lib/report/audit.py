@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trace_lib.report.kit import h, note, section
+from trace_lib.report.kit import Html, h, note, section, table, td_num
 from trace_lib.report.sections import (
     banner,
     directions_section,
@@ -24,6 +24,23 @@ def _variant_rows(variants) -> list:
     return [v for v in variants if v is not None]
 
 
+def basis_table(fidelity: dict) -> Html | None:
+    """The SAEs' quality on the audited prompts beside their training quality (``#basis-table``), with the
+    basis warnings; None for a result without it (files written before it)."""
+    if not fidelity:
+        return None
+    rows = [[hk, td_num(b.tokens, "d"), td_num(b.explained_variance), td_num(b.training_explained_variance),
+             td_num(b.l0, ".1f"), td_num(b.training_l0, ".1f"), td_num(b.ce_loss_recovered),
+             "fits" if b.ok else "WARNING"] for hk, b in fidelity.items()]
+    return h("div", [note(w) for b in fidelity.values() for w in b.warnings],
+             table(["hook", "tokens", ("EV", "explained variance on the audited tokens (SAELens definition)"),
+                    "EV (training)", ("L0", "mean latents firing per audited token"), "L0 (training)",
+                    ("CE loss recovered", "on the audited prompts' own tokens"), "basis"], rows,
+                   table_id="basis-table",
+                   caption="The measurement basis on the prompts being audited: a warning when EV < 0.80 or L0 "
+                           "> 2x the training L0 (docs/metrics.md, basis fidelity)."), cls="basis")
+
+
 def audit_body(result: Any) -> tuple[list, list, str, str]:
     """Sections, table of contents, title and subtitle of an audit result's page."""
     variants = _variant_rows(result.variants)
@@ -33,7 +50,8 @@ def audit_body(result: Any) -> tuple[list, list, str, str]:
     n_warn = sum(bool(v.degraded("safety")) for v in variants)
     verdict = section(
         "verdict", "Verdict", banner(n_warn, len(variants)), h("p", head[0] if head else None, cls="intro"),
-        [note(x) for x in head[1:]], h("div", cards, cls="cards"),
+        basis_table(getattr(result, "basis_fidelity", {})),
+        [note(x) for x in head[1:] if not x.startswith("basis")], h("div", cards, cls="cards"),
         h("details", h("summary", "The same verdict as trace prints it"), h("pre", result.summary(),
                                                                              cls="summary")))
     body = [verdict,
