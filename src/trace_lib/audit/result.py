@@ -86,6 +86,7 @@ class AuditResult(ResultFile):
                 lines.append(f"    {d['category']} direction at {d['hook']}: cosine {_f(d['cosine'])}, projection "
                              f"magnitude kept {_f(d['projection_magnitude_kept'])}, held-out AUROC {_f(auc_ref)} -> "
                              f"{_f(auc_var)}")
+            lines += [f"    {x}" for x in v.probe_lines()]
             for f in deg[:max_warnings]:
                 where = f"Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook})"
                 readout = (f", encoder readout kept {_f(f.readout_cpfr, '.2f')}"

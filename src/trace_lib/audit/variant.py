@@ -19,6 +19,7 @@ from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, Fea
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.metrics.readout import encode_codes, encoder_readout, prompt_activation_kept
 from trace_lib.models.load import Loaded
+from trace_lib.probes import audit_probe
 
 
 def top_examples(ref: PromptActs, mask: torch.Tensor, codes_ref: torch.Tensor, codes_var: torch.Tensor, column: int,
@@ -117,5 +118,10 @@ def compare_variant(ref: ReferenceSide, name: str, model_info: dict, var: Prompt
                                  acts_quant=(pos, neg))
         directions.append(DirectionAudit.of(d.category, d.hook, cmp))
     fp_eval = fp.evaluate_codes(feats_var, resid_var, ref.groups)
+    probes = []
+    for p in ref.probes:  # the reference basis's probes, read through both models on the same test prompts
+        si, bi = ref.groups[p.category]
+        r, v = ref.prompt_resid[p.hook], resid_var[p.hook]
+        probes.append(audit_probe(p, r[si], r[bi], v[si], v[bi], seed=ref.seed))
     return VariantAudit(name, model_info, features, hook_stats, directions, fp_eval, outputs,
-                        degradation_threshold=threshold)
+                        degradation_threshold=threshold, probes=probes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trace_lib.report.kit import Html, h, note, section, table, td_num
+from trace_lib.report.kit import Html, fmt, h, note, section, table, td_num
 from trace_lib.report.sections import (
     banner,
     directions_section,
@@ -41,6 +41,35 @@ def basis_table(fidelity: dict) -> Html | None:
                            "> 2x the training L0 (docs/metrics.md, basis fidelity)."), cls="basis")
 
 
+def probes_section(variants) -> Html:
+    """Every linear probe of every variant (``#probes-table``): AUROC and accuracy through the reference and the
+    variant with their bootstrap 95% intervals, and the change."""
+    rows = []
+    for v in variants:
+        for p in getattr(v, "probes", None) or []:
+            rows.append([v.name, p.category, p.hook, p.method, td_num(p.reference.auroc),
+                         f"[{fmt(p.reference.auroc_low, '.2f')}, {fmt(p.reference.auroc_high, '.2f')}]",
+                         td_num(p.variant.auroc),
+                         f"[{fmt(p.variant.auroc_low, '.2f')}, {fmt(p.variant.auroc_high, '.2f')}]",
+                         td_num(p.auroc_diff, "+.3f"),
+                         f"[{fmt(p.auroc_diff_low, '+.2f')}, {fmt(p.auroc_diff_high, '+.2f')}]",
+                         td_num(p.reference.accuracy), td_num(p.variant.accuracy), td_num(p.train_auroc)])
+    if not rows:
+        return section("probes", "Linear probes", note("This result has no linear probes (written before them, "
+                                                         "or the dataset's train split has no safety prompts)."))
+    return section(
+        "probes", "Linear probes",
+        table(["variant", "category", "hook", ("method", "logistic: L2-regularised logistic regression; "
+                                                           "diff_in_means: the difference-in-means direction"),
+               ("AUROC ref", "held-out AUROC through the reference"), "95% CI", "AUROC variant", "95% CI",
+               ("change", "variant - reference, paired bootstrap"), "95% CI",
+               ("accuracy ref", "threshold fixed on the reference's train split"), "accuracy variant",
+               ("train AUROC", "on the reference's train split")], rows, table_id="probes-table"),
+        intro="A second basis that needs no SAE: per safety category and hook, a probe fitted on the reference's "
+              "train-split last-token residuals, scored on the test prompts through the reference and the variant "
+              "(docs/metrics.md, linear probes).")
+
+
 def audit_body(result: Any) -> tuple[list, list, str, str]:
     """Sections, table of contents, title and subtitle of an audit result's page."""
     variants = _variant_rows(result.variants)
@@ -61,10 +90,11 @@ def audit_body(result: Any) -> tuple[list, list, str, str]:
             hooks_section(variants),
             outputs_section([(v.name, v.outputs, v.model) for v in variants]),
             directions_section(result, variants),
+            probes_section(variants),
             examples_section(result, variants, {v.name for v in variants if v.degraded("safety")})]
     toc = [("verdict", "Verdict"), ("overview", "Overview"), ("models", "Models & settings"),
            ("features", "Features"), ("hooks", "Hooks"), ("outputs", "Output statistics"),
-           ("directions", "Directions"), ("examples", "Examples")]
+           ("directions", "Directions"), ("probes", "Linear probes"), ("examples", "Examples")]
     title = f"trace audit: {result.reference.get('name', '?')}"
     sub = (f"{len(result.variants)} variants on {result.dataset.get('name', '?')} "
            f"({result.dataset.get('split', 'test')} split); SAEs at {', '.join(result.settings.get('hooks', []))}")
