@@ -318,6 +318,9 @@ def test_probes_fidelity_and_damage_are_in_the_result(tiny_audit, tmp_path):
     for p in fp32.probes:
         assert p.variant == p.reference and (p.auroc_diff, p.auroc_diff_low, p.auroc_diff_high) == (0.0, 0.0, 0.0)
         assert p.n_resamples == 1000 and p.n_train_safety > 0
+    for p in (p for p in fp32.probes if p.method == "diff_in_means"):  # the fingerprint's own direction AUROC
+        want = result.fingerprint["reference_eval"][p.category]["direction_auroc"][p.hook]
+        assert p.reference.auroc == pytest.approx(want, abs=1e-6)
     assert [(p.category, p.method, p.reference) for p in int2.probes] == [
         (p.category, p.method, p.reference) for p in fp32.probes]  # the reference side is the same
     ref = audit.session("harmful_refusal_v1").ref
