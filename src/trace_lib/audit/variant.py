@@ -13,8 +13,8 @@ from trace_lib.capture.prompts import PromptActs, capture_prompts
 from trace_lib.compare import variant_output_stats
 from trace_lib.errors import SAEError
 from trace_lib.fingerprint import reduce_prompt_acts
-from trace_lib.metrics.directions import compare_directions, diff_in_means
 from trace_lib.metrics.damage import feature_damage
+from trace_lib.metrics.directions import compare_directions, diff_in_means
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.metrics.readout import encode_codes, encoder_readout, prompt_activation_kept

@@ -42,8 +42,9 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, l2: float = 1.0, max_iter: in
     eye = torch.eye(d + 1, dtype=torch.float64) * l2
     eye[d, d] = 1e-12  # the unpenalised bias
     za = torch.cat([z, torch.ones(n, 1, dtype=torch.float64)], 1)
-    it, g_norm = 0, float("inf")
-    for it in range(1, max_iter + 1):
+    iterations, g_norm = 0, float("inf")
+    for _ in range(max_iter):
+        iterations += 1
         p = torch.sigmoid(z @ w + b)
         g = za.T @ (p - y)
         g[:d] += l2 * w
@@ -59,4 +60,4 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, l2: float = 1.0, max_iter: in
                 break
             t /= 2
         w, b = w_new, b_new
-    return LogisticFit(w, b, it, g_norm)
+    return LogisticFit(w, b, iterations, g_norm)
