@@ -103,6 +103,10 @@ def test_lower_layers_never_import_upper_ones():
     for low in foundations & set(graph):
         assert not graph[low] & upper, f"{low} imports {graph[low] & upper}"
     assert all("cli" not in deps for unit, deps in graph.items() if unit != "cli")
+    # the measurement bases (SAEs, metrics, probes) sit under the reference side's pieces and the views
+    for basis in {"sae", "metrics", "probes"} & set(graph):
+        assert not graph[basis] & (upper | {"compare"}), f"{basis} imports {graph[basis] & (upper | {'compare'})}"
+    assert "probes" in graph and "probes" in graph["audit"]
 
 
 def test_no_source_module_is_oversized():

@@ -174,7 +174,7 @@ def test_readout_cpfr_is_perfect_for_fp32_and_reported(tiny_audit):
     edited.variants = [dataclasses.replace(int2, features=[dataclasses.replace(worst, kind="safety")])]
     text = edited.summary()
     assert f"readout CPFR {worst.readout_cpfr:.3f}" in text
-    assert f"(encoder readout kept {worst.readout_cpfr:.2f})" in text
+    assert f"encoder readout kept {worst.readout_cpfr:.2f})" in text
 
 
 def test_quick_start_with_saes_from_a_folder(tiny_audit, tiny_folder, tmp_path):
@@ -300,3 +300,55 @@ def test_typed_records_write_the_dicts_they_replace(tiny_audit):
     assert json.dumps(again.to_dict()) == json.dumps(v.to_dict())
     assert HookStats.from_dict({"cpfr_all_features": 0.8, "new_key": 1}).to_dict() == {"cpfr_all_features": 0.8,
                                                                                          "new_key": 1}
+
+
+def test_probes_fidelity_and_damage_are_in_the_result(tiny_audit, tmp_path):
+    """Issue 13: the probes of the reference basis read through each variant (fp32: identical, change exactly
+    0), the SAE's fidelity on the audited tokens (equal to evaluate_sae on the reference's activations of the
+    same tokens), readable damage on every feature; all in the JSON, the summary and the page."""
+    from trace_lib.report import render_html
+    from trace_lib.sae.quality import evaluate_sae
+
+    audit, result = tiny_audit
+    hook = "blocks.1.hook_resid_post"
+    fp32, int2 = result.variant("fp32"), result.variant("int2-rtn-g32")
+    cats = list(result.fingerprint["reference_eval"])
+    assert {(p.category, p.hook, p.method) for p in fp32.probes} == {
+        (c, hook, m) for c in cats for m in ("logistic", "diff_in_means")}
+    for p in fp32.probes:
+        assert p.variant == p.reference and (p.auroc_diff, p.auroc_diff_low, p.auroc_diff_high) == (0.0, 0.0, 0.0)
+        assert p.n_resamples == 1000 and p.n_train_safety > 0
+    for p in (p for p in fp32.probes if p.method == "diff_in_means"):  # the fingerprint's own direction AUROC
+        want = result.fingerprint["reference_eval"][p.category]["direction_auroc"][p.hook]
+        assert p.reference.auroc == pytest.approx(want, abs=1e-6)
+    assert [(p.category, p.method, p.reference) for p in int2.probes] == [
+        (p.category, p.method, p.reference) for p in fp32.probes]  # the reference side is the same
+    ref = audit.session("harmful_refusal_v1").ref
+    q = evaluate_sae(audit.sae_dict[hook], ref.acts.acts[hook][ref.mask])
+    fid = result.basis_fidelity[hook]
+    assert fid.explained_variance == pytest.approx(q["explained_variance"], rel=1e-9)
+    assert fid.l0 == pytest.approx(q["l0"]) and fid.tokens == q["tokens"] == int(ref.mask.sum())
+    assert fid.training_l0 == audit.sae_dict[hook].cfg.metadata["quality"]["l0"]
+    assert -10 < fid.ce_loss_recovered < 10 and fid.ce_prompts > 0
+    assert all(f.damage == "kept" for f in fp32.features if f.firing_rate_ref > 0)
+    assert {f.damage for f in int2.features} <= {"kept", "silenced", "over-fired", "moved", ""}
+    text = result.summary()
+    assert f"basis: SAE at {hook}" in text and f"probe at {hook}: AUROC" in text
+    again = AuditResult.load(result.save(tmp_path / "a.json"))
+    assert again.summary() == text and again.basis_fidelity[hook].l0 == fid.l0
+    page = render_html(result)
+    assert 'id="basis-table"' in page and 'id="probes-table"' in page
+
+
+def test_files_written_before_probes_fidelity_and_damage_still_load(tiny_audit):
+    _, result = tiny_audit
+    d = json.loads(json.dumps(result.to_dict()))
+    d.pop("basis_fidelity")
+    for v in d["variants"]:
+        v.pop("probes")
+        for f in v["features"]:
+            for k in ("damage", "mass_ratio", "mass_kept", "on_target", "firing_jaccard"):
+                f.pop(k)
+    old = AuditResult.from_dict(d)
+    assert old.basis_fidelity == {} and old.variants[0].probes == [] and old.variants[0].features[0].damage == ""
+    assert "basis" not in old.summary() and "probe at" not in old.summary()

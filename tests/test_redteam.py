@@ -403,6 +403,13 @@ def test_mechanism_link_reports_drops(tiny_chat, tiny_folder):
     dd = m["direction_drop"][hook]
     assert dd["jailbreak_mean"] == pytest.approx(rec["directions"][0]["drop"], rel=1e-5, abs=1e-5)
     assert math.isfinite(dd["other_harmful_mean"])
+    # the SAEs' fidelity on the reference's tokens they were read on (sae/fidelity.py), with its warnings
+    from trace_lib.sae.quality import evaluate_sae
+
+    q = evaluate_sae(saes[hook], acts.acts[hook][acts.select(fp.metadata.get("positions", "post_instruction"))])
+    fid = m["basis_fidelity"][hook]
+    assert fid["explained_variance"] == pytest.approx(q["explained_variance"], rel=1e-6) and fid["l0"] == q["l0"]
+    assert fid["ok"] == (fid["warnings"] == [])
 
 
 def test_jailbreaks_are_linked_to_the_prompts_they_happened_on(tiny_chat, tiny_folder, cache_tmp, monkeypatch):

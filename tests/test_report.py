@@ -193,7 +193,8 @@ class Page(HTMLParser):
 def test_audit_page_has_every_section_verdict_first(audit_html):
     page = Page(audit_html)
     ids = [a.get("id") for t, a in page.elements if t == "section"]
-    assert ids == ["verdict", "overview", "models", "features", "hooks", "outputs", "directions", "examples"]
+    assert ids == ["verdict", "overview", "models", "features", "hooks", "outputs", "directions", "probes",
+                   "examples"]
     assert audit_html.index('id="verdict"') < audit_html.index('id="features"')
     assert sum(t == "svg" and "plot" in a.get("class", "") for t, a in page.elements) >= 3
 

@@ -193,6 +193,7 @@ class SweepResult(ResultFile):
                  f"({sum(r.status == 'ok' for r in self.rows)} ran)",
                  f"{'config':<18} {'bits/w':>7} {'MB':>7} {'safety CPFR':>12} {'capab. CPFR':>12} {'muted':>6} "
                  f"{'KLD':>8} {'same top':>9} {'speed':>6}"]
+        lines[1:1] = self.base.basis_warnings()  # the reference basis's fidelity, next to the verdict
         for r in self.rows:
             if r.status != "ok":
                 lines.append(f"{r.name:<18} skipped: {r.reason}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from trace_lib.jsonutil import json_clean
 from trace_lib.metrics.outputs import OutputStats
+from trace_lib.probes.records import ProbeAudit
 
 
 class _Absent:
@@ -79,6 +80,20 @@ class FeatureAudit:
     # continuous in the input, so it tells a changed detector from a code switched at the TopK boundary. For a
     # ReLU SAE (the audit's default) the code is the readout and the two CPFRs are equal.
     readout_cpfr: float = float("nan")
+    # Readable damage (metrics/damage.py): "silenced" | "over-fired" | "moved" | "kept" ("" when not measured),
+    # with the ratios it is read from, on the fingerprint tokens the CPFR uses.
+    damage: str = ""
+    mass_ratio: float = float("nan")  # sum of variant codes / sum of reference codes
+    mass_kept: float = float("nan")  # variant / reference mass on the tokens the reference fires on
+    on_target: float = float("nan")  # share of the variant's mass on those tokens
+    firing_jaccard: float = float("nan")  # overlap of the two firing token sets
+
+    @property
+    def damage_text(self) -> str:
+        """``silenced in <variant>: kept 12% of its activation`` without the variant: the label and its detail."""
+        from trace_lib.metrics.damage import damage_phrase
+
+        return f"{self.damage}: {damage_phrase(self.damage, self.mass_ratio, self.mass_kept, self.on_target)}"
 
     @property
     def degradation_pct(self) -> float:
@@ -155,8 +170,10 @@ class VariantAudit:
     outputs: OutputStats | None
     timing: dict = field(default_factory=dict)
     degradation_threshold: float = 0.8
+    probes: list[ProbeAudit] = field(default_factory=list)  # the reference basis's linear probes (probes/)
 
     def __post_init__(self) -> None:  # dicts (a file, a hand-made record) become the typed records
+        self.probes = [p if isinstance(p, ProbeAudit) else ProbeAudit.from_dict(p) for p in self.probes]
         self.hooks = {h: s if isinstance(s, HookStats) else HookStats.from_dict(s) for h, s in self.hooks.items()}
         self.directions = [d if isinstance(d, DirectionAudit) else DirectionAudit.from_dict(d)
                            for d in self.directions]
@@ -187,6 +204,20 @@ class VariantAudit:
         return sorted((f for f in self.features if f.kind == kind and f.cpfr < self.degradation_threshold),
                       key=lambda f: f.cpfr)
 
+    def probe_lines(self) -> list[str]:
+        """One line per category: its logistic probe at the hook where the variant lost the most AUROC, with the
+        difference-in-means direction's AUROC at that hook."""
+        out = []
+        for cat in dict.fromkeys(p.category for p in self.probes):
+            lr = [p for p in self.probes if p.category == cat and p.method == "logistic"]
+            if not lr:
+                continue
+            worst = min(lr, key=lambda p: (math.isnan(p.auroc_diff), p.auroc_diff))
+            dim = [p for p in self.probes if p.category == cat and p.hook == worst.hook and p.method != "logistic"]
+            out.append(worst.line() + "".join(f"; difference-in-means AUROC {d.reference.auroc:.2f} -> "
+                                              f"{d.variant.auroc:.2f}" for d in dim))
+        return out
+
     def to_dict(self) -> dict:
         return json_clean({
             "name": self.name, "model": self.model, "safety_cpfr": self.safety_cpfr,
@@ -199,15 +230,16 @@ class VariantAudit:
             "hooks": {h: s.to_dict() for h, s in self.hooks.items()},
             "directions": [d.to_dict() for d in self.directions],
             "fingerprint_eval": self.fingerprint_eval, "outputs": self.outputs.to_dict() if self.outputs else None,
-            "timing": self.timing, "degradation_threshold": self.degradation_threshold})
+            "timing": self.timing, "degradation_threshold": self.degradation_threshold,
+            "probes": [p.to_dict() for p in self.probes]})
 
     @classmethod
     def from_dict(cls, d: dict) -> VariantAudit:
         feats = []
         for f in d["features"]:
-            f = {k: (float("nan") if v is None and k not in ("muted",) else v) for k, v in f.items()
+            f = {k: (float("nan") if v is None and k not in ("muted", "damage") else v) for k, v in f.items()
                  if k != "degradation_pct"}
             feats.append(FeatureAudit(**f))
         return cls(d["name"], d["model"], feats, d["hooks"], d["directions"], d["fingerprint_eval"],
                    OutputStats.from_dict(d["outputs"]) if d.get("outputs") else None, d.get("timing", {}),
-                   d.get("degradation_threshold", 0.8))
+                   d.get("degradation_threshold", 0.8), d.get("probes") or [])

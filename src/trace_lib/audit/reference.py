@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,9 @@ from trace_lib.fingerprint import SafetyFingerprint, _sae_identity, reduce_promp
 from trace_lib.metrics.directions import diff_in_means
 from trace_lib.metrics.readout import encode_codes, encoder_readout
 from trace_lib.models.load import Loaded
+from trace_lib.probes import FittedProbe, fit_probe
+from trace_lib.probes.fit import METHODS
+from trace_lib.sae.fidelity import BasisFidelity, fidelity_of_saes
 from trace_lib.sae.store import MASSIVE_FACTOR
 
 if TYPE_CHECKING:
@@ -144,6 +147,9 @@ class ReferenceSide:
     prompt_forward_s: float
     kl_forward_s: float
     timing: Mapping[str, float]  # sae_s, fingerprint_s, reference_s
+    # hook -> the SAE's quality on the audited tokens (sae/fidelity.py); empty for a hand-made side
+    basis_fidelity: Mapping[str, BasisFidelity] = field(default_factory=lambda: MappingProxyType({}))
+    probes: tuple[FittedProbe, ...] = ()  # per category, hook and method, fitted on the train split (probes/)
 
     @property
     def hooks(self) -> list[str]:
@@ -173,6 +179,32 @@ def _fingerprint_features(fp: SafetyFingerprint, hook: str) -> tuple[Fingerprint
         out += [FingerprintFeature(rs[0], kind, ",".join(dict.fromkeys(x.category for x in rs)))
                 for rs in by_feature.values()]
     return tuple(out)
+
+
+def fit_reference_probes(audit: Audit, dataset: Any, categories: Sequence[str], hooks: Sequence[str]
+                         ) -> tuple[tuple[FittedProbe, ...], float]:
+    """The probes of the reference basis (probes/): per category of ``categories`` that the dataset's **train**
+    split has, per hook and method, fitted on the reference's last-token residuals of the train safety vs
+    baseline prompts (one forward pass over them); and the seconds it took. None when the split has no such
+    prompts."""
+    t0 = time.perf_counter()
+    try:
+        _, safety, baselines = dataset_groups(dataset, "train")
+    except DatasetError:
+        return (), 0.0
+    cats = [c for c in categories if c in safety]
+    texts = list(dict.fromkeys(t for c in cats for t in [*safety[c], *baselines[c]]))
+    if not texts:
+        return (), 0.0
+    index = {t: i for i, t in enumerate(texts)}
+    acts = capture_prompts(audit.reference, texts, hooks, batch_size=audit.batch_size,
+                           description="reference train prompts (probes)")
+    _, resid = reduce_prompt_acts(acts, {})
+    out = []
+    for c in cats:
+        si, bi = [index[t] for t in safety[c]], [index[t] for t in baselines[c]]
+        out += [fit_probe(resid[h][si], resid[h][bi], c, h, m) for h in hooks for m in METHODS]
+    return tuple(out), time.perf_counter() - t0
 
 
 def build_reference_side(audit: Audit, dataset: Any = "harmful_refusal_v1",
@@ -227,6 +259,11 @@ def build_reference_side(audit: Audit, dataset: Any = "harmful_refusal_v1",
         si, bi = groups[d.category]
         pos, neg = resid[d.hook][si], resid[d.hook][bi]
         directions.append(ReferenceDirection(d.category, d.hook, diff_in_means(pos, neg), pos, neg))
+    t1 = time.perf_counter()
+    fidelity = fidelity_of_saes(saes, {h: acts.acts[h][mask] for h in hooks}, ref, texts,
+                                batch_size=audit.batch_size)
+    fidelity_s = time.perf_counter() - t1
+    probes, probes_s = fit_reference_probes(audit, ds, list(groups), hooks)
     kl_texts, kl_info = default_texts()
     kl_ids = pack_texts(ref.tokenizer, kl_texts, audit.kl_ctx, max_sequences=audit.kl_chunks)
     t1 = time.perf_counter()
@@ -247,4 +284,6 @@ def build_reference_side(audit: Audit, dataset: Any = "harmful_refusal_v1",
         threshold=audit.threshold, batch_size=audit.batch_size, seed=audit.seed, kl_ctx=audit.kl_ctx,
         kl_chunks=audit.kl_chunks, prompt_forward_s=prompt_s, kl_forward_s=kl_s,
         timing=ro({"sae_s": round(basis.sae_s, 2), "fingerprint_s": round(basis.fingerprint_s, 2),
-                   "reference_s": round(time.perf_counter() - t_fp, 2)}))
+                   "reference_s": round(time.perf_counter() - t_fp, 2), "fidelity_s": round(fidelity_s, 2),
+                   "probes_s": round(probes_s, 2)}),
+        basis_fidelity=ro(fidelity), probes=probes)

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 from trace_lib.audit.records import VariantAudit
 from trace_lib.jsonutil import json_clean
+from trace_lib.metrics.damage import damage_phrase
 from trace_lib.metrics.readout import readout_differs
 from trace_lib.results import ResultFile, register_result
+from trace_lib.sae.fidelity import BasisFidelity
 
 RESULT_KIND = "trace.audit"
 RESULT_VERSION = 1
@@ -29,6 +31,16 @@ class AuditResult(ResultFile):
     settings: dict
     timing: dict = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)  # the test prompts, indexed by the examples' "prompt"
+    # hook -> the SAEs' quality on the audited prompts (the reference's; absent from files written before it)
+    basis_fidelity: dict[str, BasisFidelity] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.basis_fidelity = {h: b if isinstance(b, BasisFidelity) else BasisFidelity.from_dict(b)
+                               for h, b in (self.basis_fidelity or {}).items()}
+
+    def basis_warnings(self) -> list[str]:
+        """The basis-fidelity warnings of every hook (empty when every SAE fits the audited prompts)."""
+        return [w for b in self.basis_fidelity.values() for w in b.warnings]
 
     def variant(self, name: str) -> VariantAudit:
         for v in self.variants:
@@ -46,6 +58,8 @@ class AuditResult(ResultFile):
             n = fp["n_features"].get(cat, 0)
             lines.append(f"Fingerprint '{cat}': {n} features, held-out AUROC {_f(ev.get('score_auroc'))} "
                          f"(reference); capability features: {fp.get('n_capability_features', 0)}")
+        lines += [b.line() for b in self.basis_fidelity.values()]
+        lines += self.basis_warnings()
         for v in self.variants:
             deg = v.degraded("safety")
             verdict = "WARNING" if deg else "ok"
@@ -72,11 +86,18 @@ class AuditResult(ResultFile):
                 lines.append(f"    {d['category']} direction at {d['hook']}: cosine {_f(d['cosine'])}, projection "
                              f"magnitude kept {_f(d['projection_magnitude_kept'])}, held-out AUROC {_f(auc_ref)} -> "
                              f"{_f(auc_var)}")
+            lines += [f"    {x}" for x in v.probe_lines()]
             for f in deg[:max_warnings]:
-                lines.append(f"    Warning: Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook}) "
-                             f"degraded by {f.degradation_pct:.0f}% in {v.name}"
-                             + (f" (encoder readout kept {_f(f.readout_cpfr, '.2f')})"
-                                if readout_differs(f.readout_cpfr, f.cpfr) else ""))
+                where = f"Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook})"
+                readout = (f", encoder readout kept {_f(f.readout_cpfr, '.2f')}"
+                           if readout_differs(f.readout_cpfr, f.cpfr) else "")
+                if f.damage:  # readable damage (docs/metrics.md); files written before it have none
+                    lines.append(f"    Warning: {where} {f.damage} in {v.name}: "
+                                 f"{damage_phrase(f.damage, f.mass_ratio, f.mass_kept, f.on_target)} "
+                                 f"(CPFR {_f(f.cpfr, '.2f')}{readout})")
+                else:
+                    lines.append(f"    Warning: {where} degraded by {f.degradation_pct:.0f}% in {v.name}"
+                                 + (f" ({readout[2:]})" if readout else ""))
             if len(deg) > max_warnings:
                 lines.append(f"    ... and {len(deg) - max_warnings} more degraded safety features")
         return "\n".join(lines)
@@ -85,10 +106,11 @@ class AuditResult(ResultFile):
         return json_clean({**self.result_header(),
                            "reference": self.reference, "dataset": self.dataset, "fingerprint": self.fingerprint,
                            "settings": self.settings, "timing": self.timing, "prompts": self.prompts,
-                           "variants": [v.to_dict() for v in self.variants]})
+                           "variants": [v.to_dict() for v in self.variants],
+                           "basis_fidelity": {h: b.to_dict() for h, b in self.basis_fidelity.items()}})
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditResult:
         cls.check_format(d)
         return cls(d["reference"], d["dataset"], d["fingerprint"], [VariantAudit.from_dict(v) for v in d["variants"]],
-                   d["settings"], d.get("timing", {}), d.get("prompts", []))
+                   d["settings"], d.get("timing", {}), d.get("prompts", []), d.get("basis_fidelity") or {})

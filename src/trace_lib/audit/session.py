@@ -173,6 +173,7 @@ class AuditSession:
             settings={"hooks": ref.hooks, "degradation_threshold": ref.threshold, "seed": ref.seed,
                       "token_set": "user message + post-instruction tokens, massive-activation tokens excluded",
                       "saes": dict(ref.sae_quality)},
+            basis_fidelity=dict(ref.basis_fidelity),
             timing={"total_s": round(total_s, 2), **ref.timing, "audit_s": round(audit_s, 2),
                     "forward_s": round(forward_s, 2),
                     "audit_over_forward": round(audit_s / forward_s, 3) if forward_s else None})

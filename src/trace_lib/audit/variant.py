@@ -13,11 +13,13 @@ from trace_lib.capture.prompts import PromptActs, capture_prompts
 from trace_lib.compare import variant_output_stats
 from trace_lib.errors import SAEError
 from trace_lib.fingerprint import reduce_prompt_acts
+from trace_lib.metrics.damage import feature_damage
 from trace_lib.metrics.directions import compare_directions, diff_in_means
 from trace_lib.metrics.features import CPFR, ActivationMuting, FeatureDrift, FeatureSmearing
 from trace_lib.metrics.outputs import OutputStats
 from trace_lib.metrics.readout import encode_codes, encoder_readout, prompt_activation_kept
 from trace_lib.models.load import Loaded
+from trace_lib.probes import audit_probe
 
 
 def top_examples(ref: PromptActs, mask: torch.Tensor, codes_ref: torch.Tensor, codes_var: torch.Tensor, column: int,
@@ -89,6 +91,7 @@ def compare_variant(ref: ReferenceSide, name: str, model_info: dict, var: Prompt
             muted = set(mute.muted_features)
             smear = FeatureSmearing().detect_smearing(sub_ref, sub_var, feature_ids=ids)
             hs.smeared_pairs, hs.smeared = smear.num_smeared_pairs, smear.pairs[:20]
+            dmg = feature_damage(sub_ref, sub_var)
             for f in recs:
                 r, i = f.record, col[f.record.feature]
                 rows = ref.safety_rows if f.kind == "safety" else torch.arange(ref.prompt_codes[h].shape[0])
@@ -100,7 +103,8 @@ def compare_variant(ref: ReferenceSide, name: str, model_info: dict, var: Prompt
                     firing_rate_ref=float(drift.firing_rate_ref[i]), firing_rate_variant=float(drift.firing_rate_quant[i]),
                     token_muting_rate=float(mute.per_feature_token_muting[i]), muted=r.feature in muted,
                     prompt_activation_kept=prompt_activation_kept(ref.prompt_codes[h], feats_var[h], rows, r.feature),
-                    readout_cpfr=float(readout.per_feature[i])))
+                    readout_cpfr=float(readout.per_feature[i]), damage=dmg.label[i], mass_ratio=dmg.mass_ratio[i],
+                    mass_kept=dmg.kept[i], on_target=dmg.on_target[i], firing_jaccard=dmg.jaccard[i]))
         # For the most degraded fingerprint features here: where the reference fires most, and the variant there.
         worst = sorted((f for f in features if f.hook == h), key=lambda f: f.cpfr)[:n_examples]
         hs.examples = {str(f.feature): top_examples(ref.acts, fp_mask, fp_ref, fp_var, f.feature,
@@ -114,5 +118,10 @@ def compare_variant(ref: ReferenceSide, name: str, model_info: dict, var: Prompt
                                  acts_quant=(pos, neg))
         directions.append(DirectionAudit.of(d.category, d.hook, cmp))
     fp_eval = fp.evaluate_codes(feats_var, resid_var, ref.groups)
+    probes = []
+    for p in ref.probes:  # the reference basis's probes, read through both models on the same test prompts
+        si, bi = ref.groups[p.category]
+        r, v = ref.prompt_resid[p.hook], resid_var[p.hook]
+        probes.append(audit_probe(p, r[si], r[bi], v[si], v[bi], seed=ref.seed))
     return VariantAudit(name, model_info, features, hook_stats, directions, fp_eval, outputs,
-                        degradation_threshold=threshold)
+                        degradation_threshold=threshold, probes=probes)

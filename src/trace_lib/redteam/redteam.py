@@ -234,6 +234,7 @@ class RedTeamResult(ResultFile):
                 lines.append(f"    jailbreak: {self.prompts[i]['text'][:90]!r} -> {v.replies[i][:90]!r}")
             mech = f.mechanism
             if mech and mech.get("available"):
+                lines += [f"    {w}" for b in (mech.get("basis_fidelity") or {}).values() for w in b.get("warnings", [])]
                 for hook, d in mech.get("direction_drop", {}).items():
                     lines.append(f"    refusal direction at {hook}: projection dropped by "
                                  f"{d['jailbreak_mean']:.3g} on average on jailbreak prompts vs "
@@ -289,6 +290,7 @@ def mechanism_link(reference, variant, harmful_prompts: Sequence[str], jailbreak
     """
     from trace_lib.capture.prompts import capture_prompts
     from trace_lib.fingerprint import reduce_prompt_acts
+    from trace_lib.sae.fidelity import fidelity_of_saes
 
     cats = fingerprint.categories
     cat = category if category in cats else (cats[0] if cats else category)
@@ -302,16 +304,23 @@ def mechanism_link(reference, variant, harmful_prompts: Sequence[str], jailbreak
     if not prompts:
         raise DatasetError("no harmful prompts to read")
 
+    fidelity: dict = {}
+
     def read(loaded, desc):
         acts = capture_prompts(loaded, prompts, hooks, batch_size=batch_size, description=desc)
+        if loaded is reference:  # the SAEs on the reference's tokens they are read on here (sae/fidelity.py)
+            sel = acts.select(positions)
+            fidelity.update({h: b.to_dict() for h, b in fidelity_of_saes(
+                {h: saes[h] for h in hooks}, {h: acts.acts[h][sel] for h in hooks}).items()})
         return reduce_prompt_acts(acts, {h: saes[h] for h in hooks}, positions, reduce)
 
     if ref_cache is not None and "values" in ref_cache:
         f_ref, r_ref = ref_cache["values"]
+        fidelity.update(ref_cache.get("fidelity", {}))
     else:
         f_ref, r_ref = read(reference, "reference prompts (mechanism)")
         if ref_cache is not None:
-            ref_cache["values"] = (f_ref, r_ref)
+            ref_cache["values"], ref_cache["fidelity"] = (f_ref, r_ref), dict(fidelity)
     f_var, r_var = read(variant, "variant prompts (mechanism)")
     feat_recs = [r for r in feats if r.hook in f_ref]
     proj = {}
@@ -350,7 +359,8 @@ def mechanism_link(reference, variant, harmful_prompts: Sequence[str], jailbreak
     else:
         feature_drop = {"jailbreak_mean": float("nan"), "other_harmful_mean": float("nan"), "n_features": 0}
     return {"available": True, "category": cat, "hooks": hooks, "positions": positions, "reduce": reduce,
-            "prompts": out_prompts, "direction_drop": direction_drop, "feature_drop": feature_drop}
+            "prompts": out_prompts, "direction_drop": direction_drop, "feature_drop": feature_drop,
+            "basis_fidelity": fidelity}
 
 
 # ------------------------------------------------------------------------------------------------ runner

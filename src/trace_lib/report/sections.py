@@ -160,7 +160,10 @@ FEATURE_COLS = [
                                                           "capability: for a capability task"),
     ("category", None), ("train AUROC", "AUROC of the feature on the train split (reference)"),
     ("CPFR", "cross-precision feature retention: 1 = kept as in the reference"),
-    ("degradation %", "100 x (1 - CPFR)"), ("rel. mean change", "relative change of the mean activation"),
+    ("degradation %", "100 x (1 - CPFR)"),
+    ("damage", "what happened (docs/metrics.md, readable damage): silenced, over-fired, moved or kept"),
+    ("mass kept", "variant / reference activation on the tokens the feature fires on in the reference"),
+    ("mass ratio", "variant / reference activation over all tokens"), ("rel. mean change", "relative change of the mean activation"),
     ("norm. Wasserstein", "Wasserstein distance of the activation distributions / reference scale"),
     ("firing ref", "fraction of tokens the feature fires on, reference"),
     ("firing variant", "fraction of tokens the feature fires on, variant"),
@@ -189,6 +192,8 @@ def features_section(variants) -> Html:
             hooks.add(f.hook)
             rows.append([v.name, f.hook, td_num(f.feature, "d"), f.kind, f.category, td_num(f.train_auroc),
                          td_num(f.cpfr, cls="num cpfr"), td_num(f.degradation_pct, ".1f"),
+                         getattr(f, "damage", ""), td_num(getattr(f, "mass_kept", math.nan)),
+                         td_num(getattr(f, "mass_ratio", math.nan)),
                          td_num(f.relative_mean_change, "+.3f"), td_num(f.normalized_wasserstein),
                          td_num(f.firing_rate_ref, ".3f"), td_num(f.firing_rate_variant, ".3f"),
                          td_num(f.token_muting_rate), "yes" if f.muted else "no",
@@ -352,7 +357,8 @@ def examples_section(base, variants, open_variants: set[str]) -> Html:
             head = [h("strong", f"Feature #{fid}"), f" at {hk}"]
             if f is not None:
                 head += [f" — {f.kind}, {f.category}; CPFR ", h("strong", fmt(f.cpfr)), f", degraded by "
-                         f"{fmt(f.degradation_pct, '.0f')}%, muted: {'yes' if f.muted else 'no'}"]
+                         f"{fmt(f.degradation_pct, '.0f')}%"
+                         + (f", {f.damage_text}" if getattr(f, "damage", "") else "") + f", muted: {'yes' if f.muted else 'no'}"]
             rows = []
             for ex in exs:
                 pi = ex.get("prompt")
