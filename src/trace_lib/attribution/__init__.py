@@ -10,7 +10,15 @@ from trace_lib.attribution.components import Component
 from trace_lib.attribution.decompose import Decomposition, decompose
 from trace_lib.attribution.inputs import Direction, fit_direction, make_batches, reference_refusals
 from trace_lib.attribution.localize import LocalizeResult, localize
-from trace_lib.attribution.metric import Gap, Metric, MetricBatch, build_batch, gap_interval, metric_values, pack_batch
+from trace_lib.attribution.metric import (
+           Gap,
+           Metric,
+           MetricBatch,
+           build_batch,
+           gap_interval,
+           metric_values,
+           pack_batch,
+)
 from trace_lib.attribution.patching import PatchResult, PatchRun, activation_patch
 from trace_lib.attribution.weights import WeightResult, differing_linears, first_order, weight_attribution
 
