@@ -379,6 +379,45 @@ def test_localize_refuses_without_refusals_or_gap(tiny_folder):
         localize(str(tiny_folder), "fp32", n_prompts=3, refusal_reply="I can't help with that.")
 
 
+def test_verify_top_patches_the_top_of_atps_list(tiny_folder):
+    kw = dict(n_prompts=8, refusal_reply="I can't help with that.", components=["attn", "mlp"])
+    triage = localize(str(tiny_folder), "int2-rtn-g32", method="atp", verify_top=3, **kw)
+    full = localize(str(tiny_folder), "int2-rtn-g32", method="patch", **kw)
+    order = np.argsort(-np.asarray(triage.atp["fraction"]), kind="stable")[:3]
+    assert [p["component"] for p in triage.patch] == [triage.atp["components"][i] for i in order]
+    truth = {p["component"]: p["gap_restored"] for p in full.patch}
+    for p in triage.patch:
+        assert p["gap_restored"] == pytest.approx(truth[p["component"]], abs=1e-6)
+        assert p["gap_introduced"] is None
+    assert triage.settings["verified_top"] == 3
+    from trace_lib.report import load_result, render_html
+
+    page = render_html(load_result(json.loads(triage.to_json())))
+    assert "restore (AtP" in page and page.count('<tr') >= len(triage.components)
+
+
+def test_audit_localization_line(tiny_folder):
+    """Audit(localize=True)'s record: the localisation's damage line, in the variant's summary and its JSON."""
+    from trace_lib.audit.records import VariantAudit
+    from trace_lib.audit.session import localize_damage
+    from trace_lib.compare import resolve_variant
+    from trace_lib.datasets.registry import get_dataset
+    from trace_lib.models import load_model
+
+    ref = load_model(str(tiny_folder))
+    var = resolve_variant(ref, "int2-rtn-g32")
+    ds = get_dataset("safety_comprehensive_v1")
+    loc = localize_damage(ref, var, ds, verify_top=2, refusal_reply="I can't help with that.")
+    assert loc["line"].startswith(("the damage enters mostly at", "the damage could not be placed"))
+    assert len(loc["top"]) == 2 and loc["gap"]["n"] > 0
+    if loc["top"][0]["gap_restored"] > 0:
+        assert loc["top"][0]["component"] in loc["line"]
+    none = localize_damage(ref, var, ds, verify_top=2)  # the tiny model refuses nothing: the reason, no ranking
+    assert none["line"].startswith("not localised:") and none["top"] == []
+    v = VariantAudit("int2-rtn-g32", {}, [], {}, [], {}, None, localization=loc)
+    assert VariantAudit.from_dict(json.loads(json.dumps(v.to_dict()))).localization["line"] == loc["line"]
+
+
 def test_localize_result_round_trip(tiny_folder):
     r = localize(str(tiny_folder), "int2-rtn-g32", n_prompts=8, refusal_reply="I can't help with that.",
                  n_weight_check=2, graddrop=True)

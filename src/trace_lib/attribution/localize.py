@@ -154,13 +154,17 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
              positions: str | Sequence[int] = "all", batch_size: int = 8, reply_tokens: int = 4,
              compliance: str = COMPLIANCE, refusal_reply: str | None = None, max_new_tokens: int = 24,
              direction_layer: int | None = None, graddrop: bool = False, n_boot: int = 1000, seed: int = 0,
-             n_weight_check: int = 20, with_decomposition: bool = True) -> LocalizeResult:
+             n_weight_check: int = 20, with_decomposition: bool = True, verify_top: int = 0) -> LocalizeResult:
     """Localise ``variant``'s refusal gap against ``model`` (specs or loaded models); see the module docstring.
 
     ``components``: kinds (resid, attn, mlp, heads, linears) or names (L3.mlp); default attn + mlp, and
-    ``linears`` (the weights method) for ``method="all"``.
+    ``linears`` (the weights method) for ``method="all"``. With ``method="atp"`` and ``verify_top`` k > 0, the
+    k components AtP ranks highest are then restore-patched (AtP ranks, patching verifies the top of the list),
+    so the ranking and :meth:`LocalizeResult.damage_line` rest on patching at about (3 + k/2) forwards.
     """
     kinds = _check_args(method, components, metric, positions)
+    if verify_top:
+        POSITIVE_INT.check("verify_top", verify_top)
     for name, v in (("batch_size", batch_size), ("reply_tokens", reply_tokens), ("n_boot", n_boot),
                     ("n_prompts", n_prompts), ("max_new_tokens", max_new_tokens)):
         POSITIVE_INT.check(name, v)
@@ -223,7 +227,13 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
         atp = attribution_patch(ref, var, batches, met, comps, positions, graddrop=graddrop, gap=gap.value)
         result.atp = atp.to_dict()
         seconds["atp"] = atp.seconds
-    if result.patch is not None and result.atp is not None:
+        if method == "atp" and verify_top:
+            top = [comps[i] for i in np.argsort(-np.asarray(atp.fraction), kind="stable")[:verify_top]]
+            run = activation_patch(ref, var, batches, met, top, positions, modes=("restore",))
+            result.patch = [r.to_dict() for r in run.results]
+            seconds["patch"] = run.seconds
+            result.settings.update(verified_top=verify_top, patch_forwards=run.n_forward)
+    if result.patch is not None and result.atp is not None and not verify_top:
         inj = [r["gap_introduced"] for r in result.patch]
         res = [r["gap_restored"] for r in result.patch]
         result.comparison = {"n": len(inj), "spearman_inject": spearman(result.atp["fraction"], inj),

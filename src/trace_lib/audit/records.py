@@ -171,6 +171,7 @@ class VariantAudit:
     timing: dict = field(default_factory=dict)
     degradation_threshold: float = 0.8
     probes: list[ProbeAudit] = field(default_factory=list)  # the reference basis's linear probes (probes/)
+    localization: dict | None = None  # where the refusal gap enters (Audit(localize=True), attribution/)
 
     def __post_init__(self) -> None:  # dicts (a file, a hand-made record) become the typed records
         self.probes = [p if isinstance(p, ProbeAudit) else ProbeAudit.from_dict(p) for p in self.probes]
@@ -231,7 +232,7 @@ class VariantAudit:
             "directions": [d.to_dict() for d in self.directions],
             "fingerprint_eval": self.fingerprint_eval, "outputs": self.outputs.to_dict() if self.outputs else None,
             "timing": self.timing, "degradation_threshold": self.degradation_threshold,
-            "probes": [p.to_dict() for p in self.probes]})
+            "probes": [p.to_dict() for p in self.probes], "localization": self.localization})
 
     @classmethod
     def from_dict(cls, d: dict) -> VariantAudit:
@@ -242,4 +243,4 @@ class VariantAudit:
             feats.append(FeatureAudit(**f))
         return cls(d["name"], d["model"], feats, d["hooks"], d["directions"], d["fingerprint_eval"],
                    OutputStats.from_dict(d["outputs"]) if d.get("outputs") else None, d.get("timing", {}),
-                   d.get("degradation_threshold", 0.8), d.get("probes") or [])
+                   d.get("degradation_threshold", 0.8), d.get("probes") or [], d.get("localization"))

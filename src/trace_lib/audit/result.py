@@ -87,6 +87,8 @@ class AuditResult(ResultFile):
                              f"magnitude kept {_f(d['projection_magnitude_kept'])}, held-out AUROC {_f(auc_ref)} -> "
                              f"{_f(auc_var)}")
             lines += [f"    {x}" for x in v.probe_lines()]
+            if v.localization:  # Audit(localize=True): AtP over attn/mlp, its top restore-patched
+                lines.append(f"    {v.localization['line']}")
             for f in deg[:max_warnings]:
                 where = f"Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook})"
                 readout = (f", encoder readout kept {_f(f.readout_cpfr, '.2f')}"

@@ -30,6 +30,8 @@ def audit_command(
     hook: Annotated[list[str] | None, typer.Option("--hook", callback=nonempty_name, help="hook point for trained SAEs; repeatable (default: resid_post at 1/3, 1/2, 2/3 depth)")] = None,  # noqa: E501
     threshold: Annotated[float, typer.Option(help="CPFR below which a feature counts as degraded, in (0, 1]",
                                              callback=in_range(FRACTION))] = 0.8,
+    localize: Annotated[bool, typer.Option("--localize", help="for each flagged variant, say where the refusal gap "
+                                           "enters (AtP over attn/mlp outputs, its top 5 verified by patching)")] = False,
     out_dir: OutOpt = Path("trace-out"),
     html: HtmlOpt = None,
 ) -> None:
@@ -37,7 +39,8 @@ def audit_command(
     from trace_lib.audit import Audit
 
     check_distinct({"--out": Path(out_dir) / "audit.json", "--html": html, "--dataset": _file_or_none(dataset)})
-    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold)
+    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold,
+              localize=localize)
     if sae is not None:
         a.load_sae(sae)
     result = a.trace_features(dataset=dataset)

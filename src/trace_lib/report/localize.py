@@ -131,6 +131,11 @@ def localize_body(result: Any) -> tuple[list, list, str, str]:
         by_atp = dict(zip(_l(atp.get("components")), _l(atp.get("fraction"))))
         rows = [[p.get("component"), td_num(p.get("gap_restored")), td_num(p.get("gap_introduced")),
                  td_num(by_atp.get(p.get("component")))] for p in patch]
+        if _d(d.get("settings")).get("verified_top") and atp:  # AtP over all, patching over its top k
+            names = _l(atp.get("components"))
+            got = {p.get("component"): p.get("gap_restored") for p in patch}
+            panels = {"AtP estimate": _l(atp.get("fraction")), "restore (AtP's top, patched)": [got.get(n) for n in names]}
+            rows = [[n, td_num(got.get(n)), td_num(None), td_num(by_atp.get(n))] for n in names]
         body.append(section("components", "Components", _figure(heatmap_svg(names, panels), "restore: variant run "
                             "with the reference's activation; inject: reference run with the variant's"),
                             table(["component", "restored", "introduced", "AtP"], rows, table_id="components")))
