@@ -208,7 +208,8 @@ def load_python_docs() -> tuple[tuple[str, str], ...]:
 
 _BRACKETS = re.compile(r"\s*\[[^\]]{0,300}\]")
 _PRESIDENT = re.compile(r"^The President\.\s+")
-_INTERJECTION = re.compile(r"^(Audience members?|Audience|Rep\.\s+\w+|Representative\s+[\w. ]+)\.\s")
+_INTERJECTION = re.compile(r"^(Audience members?|Audience|Rep\.\s+\w+|Representative\s+[\w. ]+)\.(\W|$)")
+_LATER_INTERJECTION = re.compile(r"\s*\b(Audience members?|Rep\.\s+[A-Z]\w+)\.(\W.*)?$")
 
 
 def clean_speech(text: str) -> list[str]:
@@ -221,7 +222,7 @@ def clean_speech(text: str) -> list[str]:
         p = normalise(_BRACKETS.sub("", "\n".join(lines)))
         if not p or _INTERJECTION.match(p):
             continue
-        p = _PRESIDENT.sub("", p)
+        p = _LATER_INTERJECTION.sub("", _PRESIDENT.sub("", p))
         if p and not is_heading(p):
             out.append(p)
     return out
