@@ -1,7 +1,7 @@
 """A broad corpus of real English, with a train / held-out split inside every source.
 
 >>> from trace_lib.datasets.broad import broad_corpus, broad_corpus_info, unavailable_sources
->>> train = broad_corpus("train", seed=0)            # ~15.8M characters from three genres
+>>> train = broad_corpus("train", seed=0)            # ~15.6M characters from three genres
 >>> heldout = broad_corpus("heldout", seed=0)        # ~10% of the documents of every source
 >>> broad_corpus_info("heldout")["sha256"]
 
