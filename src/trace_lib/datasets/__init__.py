@@ -9,6 +9,7 @@ See ``docs/datasets.md`` for the record schema and the built-in datasets.
 
 from __future__ import annotations
 
+from trace_lib.datasets.broad import broad_corpus, broad_corpus_info, unavailable_sources
 from trace_lib.datasets.corpus import corpus_info, english_corpus
 from trace_lib.datasets.registry import (
     LABELS,
@@ -25,9 +26,12 @@ __all__ = [
     "SPLITS",
     "Dataset",
     "Prompt",
+    "broad_corpus",
+    "broad_corpus_info",
     "corpus_info",
     "english_corpus",
     "get_dataset",
     "list_datasets",
     "load_dataset_file",
+    "unavailable_sources",
 ]
