@@ -397,9 +397,9 @@ def test_verify_top_patches_the_top_of_atps_list(tiny_folder):
 
 
 def test_audit_localization_line(tiny_folder):
-    """Audit(localize=True)'s record: the localisation's damage line, in the variant's summary and its JSON."""
+    """``trace audit --localize``'s record: the localisation's damage line, in the variant's summary and its JSON."""
+    from trace_lib.attribution.triage import localize_damage
     from trace_lib.audit.records import VariantAudit
-    from trace_lib.audit.session import localize_damage
     from trace_lib.compare import resolve_variant
     from trace_lib.datasets.registry import get_dataset
     from trace_lib.models import load_model

@@ -171,7 +171,7 @@ class VariantAudit:
     timing: dict = field(default_factory=dict)
     degradation_threshold: float = 0.8
     probes: list[ProbeAudit] = field(default_factory=list)  # the reference basis's linear probes (probes/)
-    localization: dict | None = None  # where the refusal gap enters (Audit(localize=True), attribution/)
+    localization: dict | None = None  # where the refusal gap enters (attribution.triage.localize_audit)
 
     def __post_init__(self) -> None:  # dicts (a file, a hand-made record) become the typed records
         self.probes = [p if isinstance(p, ProbeAudit) else ProbeAudit.from_dict(p) for p in self.probes]

@@ -87,7 +87,7 @@ class AuditResult(ResultFile):
                              f"magnitude kept {_f(d['projection_magnitude_kept'])}, held-out AUROC {_f(auc_ref)} -> "
                              f"{_f(auc_var)}")
             lines += [f"    {x}" for x in v.probe_lines()]
-            if v.localization:  # Audit(localize=True): AtP over attn/mlp, its top restore-patched
+            if v.localization:  # attribution.triage.localize_audit: AtP over attn/mlp, its top restore-patched
                 lines.append(f"    {v.localization['line']}")
             for f in deg[:max_warnings]:
                 where = f"Feature #{f.feature} ({f.category.replace('_', ' ').title()}, {f.hook})"

@@ -42,7 +42,7 @@ class Audit:
     def __init__(self, base_model: str | Loaded = "default-safety", quant_model: Any = None, *,
                  variants: Sequence[Any] | None = None, hooks: Sequence[str] | None = None,
                  degradation_threshold: float = 0.8, kl_ctx: int = 256, kl_chunks: int = 8, batch_size: int = 16,
-                 seed: int = 0, saes: Mapping[str, Any] | None = None, localize: bool = False) -> None:
+                 seed: int = 0, saes: Mapping[str, Any] | None = None) -> None:
         specs = list(variants) if variants is not None else ([quant_model] if quant_model is not None else [])
         specs = specs or list(DEFAULT_VARIANTS)
         for v in specs:  # fail on a bad name or value before loading anything
@@ -58,7 +58,6 @@ class Audit:
         self.threshold = degradation_threshold
         self.kl_ctx, self.kl_chunks, self.batch_size, self.seed = kl_ctx, kl_chunks, batch_size, seed
         self._fingerprints: dict[str, SafetyFingerprint] = {}
-        self.localize = localize
 
     # ---------------------------------------------------------------- SAEs
     def load_sae(self, path: str | Path) -> dict:
@@ -137,36 +136,9 @@ class Audit:
         for spec in self.variant_specs:
             var = resolve_variant(self.reference, spec)
             results.append(sess.run(var))
-            if self.localize and results[-1].degraded("safety"):
-                results[-1].localization = localize_damage(self.reference, var, sess.ref.dataset)
             del var
         return sess.result(results, time.perf_counter() - t_start)
 
-
-
-def localize_damage(reference: Loaded, variant: Loaded, dataset, verify_top: int = 5,
-                    refusal_reply: str | None = None) -> dict:
-    """Where a flagged variant's refusal gap enters: :func:`trace_lib.attribution.localize` with AtP over every
-    attention and MLP output on the dataset's refused harmful test prompts, its top ``verify_top`` components
-    then restore-patched. Returns the gap, the verified components and the summary line; a variant whose gap is
-    not significant (or a dataset with no refusal prompts) gets the reason instead of a ranking."""
-    from trace_lib.attribution import localize
-    from trace_lib.errors import AttributionError
-
-    refusal = [p for p in dataset.prompts if p.behaviour in ("refusal", "baseline")]
-    try:
-        if not any(p.label == "safety" and p.behaviour == "refusal" for p in refusal):
-            raise AttributionError(f"{dataset.name} has no refusal prompts to localise a refusal gap on")
-        from trace_lib.datasets.registry import Dataset
-
-        loc = localize(reference, variant, method="atp", components=["attn", "mlp"],
-                       dataset=Dataset(f"{dataset.name}[refusal]", refusal, dataset.description),
-                       with_decomposition=False, verify_top=verify_top, refusal_reply=refusal_reply)
-    except AttributionError as e:  # NoGapError included: say why there is no ranking
-        return {"line": f"not localised: {e}", "gap": None, "top": []}
-    line = loc.damage_line() or "the damage could not be placed: no verified component restores any of the gap"
-    return {"line": line, "gap": loc.gap, "top": loc.ranking()[:verify_top], "method": "atp + restore-patching",
-            "seconds": loc.seconds}
 
 
 class AuditSession:

@@ -39,11 +39,14 @@ def audit_command(
     from trace_lib.audit import Audit
 
     check_distinct({"--out": Path(out_dir) / "audit.json", "--html": html, "--dataset": _file_or_none(dataset)})
-    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold,
-              localize=localize)
+    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold)
     if sae is not None:
         a.load_sae(sae)
     result = a.trace_features(dataset=dataset)
+    if localize:
+        from trace_lib.attribution.triage import localize_audit
+
+        localize_audit(a, result, dataset)
     out = console()
     out.print(result.summary(), highlight=False)
     path = result.save(Path(out_dir) / "audit.json")
