@@ -352,3 +352,21 @@ def test_files_written_before_probes_fidelity_and_damage_still_load(tiny_audit):
     old = AuditResult.from_dict(d)
     assert old.basis_fidelity == {} and old.variants[0].probes == [] and old.variants[0].features[0].damage == ""
     assert "basis" not in old.summary() and "probe at" not in old.summary()
+
+
+def test_localize_audit_localises_only_flagged_variants(tiny_audit):
+    """``trace audit --localize``: fp32 (nothing degraded) gets no localisation; the flagged 2-bit variant gets
+    one, here the reason there is no ranking (a random model refuses nothing), and its summary shows it."""
+    import copy
+
+    from trace_lib.attribution.triage import localize_audit
+
+    audit, result = tiny_audit
+    result = copy.deepcopy(result)
+    fp32, int2 = result.variant("fp32"), result.variant("int2-rtn-g32")
+    # flag it by hand: the tiny fingerprint's safety features may all keep CPFR above the threshold
+    int2.degraded = lambda kind="safety": int2.features[:1]
+    localize_audit(audit, result, "harmful_refusal_v1")
+    assert fp32.localization is None
+    assert int2.localization["line"].startswith("not localised:") and "refuses none" in int2.localization["line"]
+    assert int2.localization["line"] in result.summary()
