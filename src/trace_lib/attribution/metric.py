@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -143,12 +144,8 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], kind: str, reply_ids: Seque
         if kind == "direction":
             rows.append((p, [], 0.0, len(p) - 1, i))
             continue
-        r, c = list(reply_ids[i]), list(compliance_ids)
-        if not r or not c:
-            raise AttributionError(f"prompt {i}: the refusal reply and the compliance opening need at least one "
-                                   "token each")
-        rows.append((p + r, r, 1.0, -1, i))
-        rows.append((p + c, c, -1.0, -1, i))
+        for cont, sign in _continuations(i, reply_ids[i], compliance_ids):
+            rows.append((p + cont, cont, sign, -1, i))
     width = max(len(ids) for ids, *_ in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -170,6 +167,29 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], kind: str, reply_ids: Seque
 NO_OFFSET = -(1 << 30)
 
 
+class _Tok(NamedTuple):
+    """One token of a packed row: its id and unpacked position, the prompt (-1: the shared prefix) and
+    continuation branch (-1: the prompt's own tokens) it belongs to, its offset from the post-instruction
+    position, the token it predicts with the weight of that log-prob, and whether the direction metric reads it."""
+
+    id: int
+    pos: int
+    owner: int
+    branch: int
+    offset: int
+    target: int = 0
+    weight: float = 0.0
+    read: bool = False
+
+
+def _continuations(i: int, reply: Sequence[int], compliance: Sequence[int]) -> list[tuple[list[int], float]]:
+    """The refusal metric's two teacher-forced continuations of prompt ``i`` with their signs."""
+    r, c = list(reply), list(compliance)
+    if not r or not c:
+        raise AttributionError(f"prompt {i}: the refusal reply and the compliance opening need at least one token each")
+    return [(r, 1.0), (c, -1.0)]
+
+
 def _lcp(seqs: Sequence[Sequence[int]]) -> int:
     n = min(len(x) for x in seqs)
     for i in range(n):
@@ -187,30 +207,22 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], kind: str, reply_ids: Sequen
     token gets the position id it has unpacked and sees the prefix, its prompt and its own branch (causally),
     so every logit equals the unpacked row's; a prompt's tokens are run once instead of once per row."""
     groups = [list(range(i, min(i + per_row, len(prompt_ids)))) for i in range(0, len(prompt_ids), per_row)]
-    built = []  # per row: (ids, pos, owner, branch, offset, target, weight, read)
+    built: list[list[_Tok]] = []
     for g in groups:
         ps = [list(prompt_ids[i]) for i in g]
         if any(not p for p in ps):
             raise AttributionError("a prompt has no tokens")
         s = min(_lcp(ps), min(len(p) for p in ps) - 1) if share_prefix and len(ps) > 1 else 0
-        toks = [(t, j, -1, -1, NO_OFFSET, 0, 0.0, False) for j, t in enumerate(ps[0][:s])]
+        toks = [_Tok(t, j, -1, -1, NO_OFFSET) for j, t in enumerate(ps[0][:s])]
         for i, p in zip(g, ps):
             last = len(p) - 1
-            toks += [(p[j], j, i, -1, j - last, 0, 0.0, False) for j in range(s, last)]
-            if kind == "direction":
-                branches = [([], 0.0)]
-            else:
-                r, c = list(reply_ids[i]), list(compliance_ids)
-                if not r or not c:
-                    raise AttributionError(f"prompt {i}: the refusal reply and the compliance opening need at least "
-                                           "one token each")
-                branches = [(r, 1.0), (c, -1.0)]
+            toks += [_Tok(p[j], j, i, -1, j - last) for j in range(s, last)]
+            branches = [([], 0.0)] if kind == "direction" else _continuations(i, reply_ids[i], compliance_ids)
             for b, (cont, sign) in enumerate(branches):
-                seq = [p[-1]] + cont
-                for t in range(len(seq)):
-                    tgt = cont[t] if t < len(cont) else 0
-                    w = sign / len(cont) if t < len(cont) else 0.0
-                    toks.append((seq[t], last + t, i, b, t, tgt, w, kind == "direction" and t == 0))
+                for t, tok in enumerate([p[-1]] + cont):  # position t predicts cont[t]
+                    scored = t < len(cont)
+                    toks.append(_Tok(tok, last + t, i, b, t, cont[t] if scored else 0,
+                                     sign / len(cont) if scored else 0.0, kind == "direction" and t == 0))
         built.append(toks)
     width = max(len(t) for t in built)
     n = len(built)
@@ -225,16 +237,13 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], kind: str, reply_ids: Sequen
     read = torch.zeros((n, width), dtype=torch.bool)
     for r, toks in enumerate(built):
         k = len(toks)
-        col = list(zip(*toks))
-        ids[r, :k], pos[r, :k], offsets[r, :k] = torch.tensor(col[0]), torch.tensor(col[1]), torch.tensor(col[4])
-        targets[r, :k], weights[r, :k], mask[r, :k] = torch.tensor(col[5]), torch.tensor(col[6]), 1
-        owner_r, branch = torch.tensor(col[2]), torch.tensor(col[3])
+        col = _Tok(*(torch.tensor(c) for c in zip(*toks)))
+        ids[r, :k], pos[r, :k], offsets[r, :k], owner[r, :k] = col.id, col.pos, col.offset, col.owner
+        targets[r, :k], weights[r, :k], read[r, :k], mask[r, :k] = col.target, col.weight, col.read, 1
         causal = torch.ones(k, k, dtype=torch.bool).tril()
-        same = (owner_r[None, :] == -1) | ((owner_r[None, :] == owner_r[:, None])
-                                           & ((branch[None, :] == -1) | (branch[None, :] == branch[:, None])))
-        visible[r, :k, :k] = causal & same
-        owner[r, :k] = owner_r
-        read[r, :k] = torch.tensor(col[7])
+        shared = (col.owner[None, :] == -1) | ((col.owner[None, :] == col.owner[:, None])
+                                              & ((col.branch[None, :] == -1) | (col.branch[None, :] == col.branch[:, None])))
+        visible[r, :k, :k] = causal & shared
     return MetricBatch(ids, mask, targets, weights, torch.full((n,), -1), torch.zeros(n, dtype=torch.long),
                        torch.full((n,), -1), len(prompt_ids), offsets, pos, visible, owner, read)
 
