@@ -222,3 +222,23 @@ def test_chunking_joins_short_paragraphs_and_cuts_long_ones():
     pieces = sources.split_long(long)
     assert len(pieces) > 1 and all(len(p) <= sources.MAX_CHARS for p in pieces)
     assert " ".join(pieces) == long and all(p.startswith("Mr. Brown") for p in pieces)
+
+
+def test_python_docs_text_does_not_depend_on_what_was_imported_first():
+    """transformers patches ``logging.Logger.warning_once`` into the stdlib; its docstring must not leak in."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers  # noqa: F401  (the patching import, in this process)
+    from trace_lib.datasets import corpus
+
+    corpus._pool.cache_clear()
+    corpus._stdlib_docstring_paragraphs.cache_clear()
+    here = sorted(p for p, _ in corpus._pool(False))
+    code = ("import json, sys; from trace_lib.datasets import corpus; "
+            "json.dump(sorted(p for p, _ in corpus._pool(False)), sys.stdout)")
+    fresh = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert here == fresh
+    assert not any("warning messages are unique" in p for p in here)

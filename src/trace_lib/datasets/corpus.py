@@ -25,6 +25,7 @@ import inspect
 import platform
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -233,18 +234,28 @@ def _stdlib_docstring_paragraphs() -> tuple[tuple[str, ...], int, tuple[str, ...
 def _module_docstrings(module: Any, modname: str) -> list[str]:
     docs = [module.__doc__]
     owners = {modname, "_" + modname.rsplit(".", 1)[-1]}
+
+    def own(owner: object) -> bool:
+        return isinstance(owner, str) and (owner in owners or owner.startswith(modname + "."))
+
     for _, obj in sorted(vars(module).items()):
         if not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue
-        owner = getattr(obj, "__module__", None)
-        if not isinstance(owner, str) or not (owner in owners or owner.startswith(modname + ".")):
+        if not own(getattr(obj, "__module__", None)):
             continue
         docs.append(getattr(obj, "__doc__", None))
         if inspect.isclass(obj):
             for _, member in sorted(vars(obj).items()):
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
-                if inspect.isroutine(member) or isinstance(member, property):
+                if not (inspect.isroutine(member) or isinstance(member, property)):
+                    continue
+                # A method another package patched into a stdlib class (transformers adds
+                # ``logging.Logger.warning_once``) would make the text depend on what was imported first;
+                # C methods carry no ``__module__`` and are the class's own.
+                member_owner = getattr(getattr(member, "fget", member), "__module__", None)
+                if member_owner is None or (isinstance(member_owner, str)
+                                            and member_owner.split(".")[0] in sys.stdlib_module_names):
                     docs.append(getattr(member, "__doc__", None))
     return [d for d in docs if isinstance(d, str) and d.strip()]
 
