@@ -207,7 +207,7 @@ def test_cli_audit_writes_json_and_html(tiny_audit, tiny_folder, tmp_path, capsy
           "--out", str(tmp_path / "out"), "--html", str(tmp_path / "audit.html")])
     data = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert data["kind"] == "trace.audit" and [v["name"] for v in data["variants"]] == ["fp32", "int2-rtn-g32"]
-    assert data["dataset"]["name"] == "harmful_refusal_v1"
+    assert data["dataset"]["name"] == "safety_comprehensive_v1"  # the default: all three safety behaviours
     again = AuditResult.load(tmp_path / "out" / "audit.json")
     assert again.variant("fp32").hooks["blocks.1.hook_resid_post"]["cpfr_all_features"] == 1.0
     printed = capsys.readouterr().out
@@ -370,3 +370,32 @@ def test_localize_audit_localises_only_flagged_variants(tiny_audit):
     assert fp32.localization is None
     assert int2.localization["line"].startswith("not localised:") and "refuses none" in int2.localization["line"]
     assert int2.localization["line"] in result.summary()
+
+
+def test_category_verdicts_count_each_category_and_render():
+    """Per-category verdicts: a feature selected for two categories counts in both; the means and counts are
+    recomputed here by hand, and the summary and the page carry one line / row per category."""
+    from trace_lib.audit.records import FeatureAudit, VariantAudit
+    from trace_lib.report.audit import categories_table
+
+    def feat(i, cat, cpfr, damage):
+        return FeatureAudit(hook="blocks.1.hook_resid_post", feature=i, kind="safety", category=cat, train_auroc=0.9,
+                            cpfr=cpfr, relative_mean_change=0.0, normalized_wasserstein=0.0, firing_rate_ref=0.1,
+                            firing_rate_variant=0.1, token_muting_rate=0.0, muted=False, prompt_activation_kept=1.0,
+                            damage=damage)
+
+    feats = [feat(0, "refusal", 0.5, "silenced"), feat(1, "refusal,uncertainty", 0.95, "kept"),
+             feat(2, "uncertainty", 0.9, "kept"), feat(3, "safety_warning", -0.2, "moved"),
+             feat(4, "safety_warning", 0.7, "over-fired")]
+    v = VariantAudit("int4", {}, feats, {}, [], {}, None, degradation_threshold=0.8)
+    cats = {c.category: c for c in v.category_verdicts()}
+    assert list(cats) == ["refusal", "uncertainty", "safety_warning"]
+    assert cats["refusal"].cpfr == pytest.approx((0.5 + 0.95) / 2) and cats["refusal"].n_features == 2
+    assert cats["uncertainty"].verdict == "ok" and cats["uncertainty"].cpfr == pytest.approx(0.925)
+    assert cats["safety_warning"].n_degraded == 2 and cats["safety_warning"].damage == {"moved": 1, "over-fired": 1}
+    assert cats["refusal"].line() == ("[WARNING] refusal: CPFR 0.725 over 2 features, 1 degraded (CPFR < 0.8): "
+                                      "1 silenced")
+    again = VariantAudit.from_dict(json.loads(json.dumps(v.to_dict())))
+    assert [c.to_dict() for c in again.category_verdicts()] == v.to_dict()["categories"]
+    page = str(categories_table([v]))
+    assert 'id="categories-table"' in page and page.count("<tr") == 4  # header + three categories

@@ -21,6 +21,11 @@ from trace_lib.metrics.outputs import OutputStats
 from trace_lib.probes.records import ProbeAudit
 
 
+def _f(x: float | None, spec: str = ".3f") -> str:
+    """A number for a summary line; ``n/a`` for None or NaN."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 class _Absent:
     __slots__ = ()
 
@@ -103,6 +108,30 @@ class FeatureAudit:
         d = dict(self.__dict__)
         d["degradation_pct"] = self.degradation_pct
         return json_clean(d)
+
+
+@dataclass(frozen=True)
+class CategoryVerdict:
+    """A variant's verdict on one safety category (refusal, uncertainty, safety_warning)."""
+
+    category: str
+    cpfr: float  # mean CPFR of the category's fingerprint features
+    n_features: int
+    n_degraded: int
+    damage: dict[str, int]  # how the degraded ones were hurt: silenced / over-fired / moved / kept
+    threshold: float
+
+    @property
+    def verdict(self) -> str:
+        return "WARNING" if self.n_degraded else "ok"
+
+    def line(self) -> str:
+        how = ", ".join(f"{n} {label}" for label, n in sorted(self.damage.items()))
+        return (f"[{self.verdict}] {self.category}: CPFR {_f(self.cpfr)} over {self.n_features} features, "
+                f"{self.n_degraded} degraded (CPFR < {self.threshold})" + (f": {how}" if how else ""))
+
+    def to_dict(self) -> dict:
+        return json_clean({**self.__dict__, "verdict": self.verdict})
 
 
 @dataclass(eq=True)
@@ -205,6 +234,22 @@ class VariantAudit:
         return sorted((f for f in self.features if f.kind == kind and f.cpfr < self.degradation_threshold),
                       key=lambda f: f.cpfr)
 
+    def category_verdicts(self) -> list[CategoryVerdict]:
+        """One verdict per safety category (a feature selected for several categories counts in each): the
+        mean CPFR of its fingerprint features, how many are degraded (CPFR < threshold) and how."""
+        cats = dict.fromkeys(c for f in self.features if f.kind == "safety" for c in f.category.split(",") if c)
+        out = []
+        for cat in cats:
+            fs = [f for f in self.features if f.kind == "safety" and cat in f.category.split(",")]
+            cpfrs = [f.cpfr for f in fs if not math.isnan(f.cpfr)]
+            deg = [f for f in fs if f.cpfr < self.degradation_threshold]
+            how: dict[str, int] = {}
+            for f in deg:
+                how[f.damage or "degraded"] = how.get(f.damage or "degraded", 0) + 1
+            out.append(CategoryVerdict(cat, sum(cpfrs) / len(cpfrs) if cpfrs else float("nan"), len(fs), len(deg),
+                                       how, self.degradation_threshold))
+        return out
+
     def probe_lines(self) -> list[str]:
         """One line per category: its logistic probe at the hook where the variant lost the most AUROC, with the
         difference-in-means direction's AUROC at that hook."""
@@ -232,7 +277,8 @@ class VariantAudit:
             "directions": [d.to_dict() for d in self.directions],
             "fingerprint_eval": self.fingerprint_eval, "outputs": self.outputs.to_dict() if self.outputs else None,
             "timing": self.timing, "degradation_threshold": self.degradation_threshold,
-            "probes": [p.to_dict() for p in self.probes], "localization": self.localization})
+            "probes": [p.to_dict() for p in self.probes], "localization": self.localization,
+            "categories": [c.to_dict() for c in self.category_verdicts()]})
 
     @classmethod
     def from_dict(cls, d: dict) -> VariantAudit:

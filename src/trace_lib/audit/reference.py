@@ -22,6 +22,7 @@ from trace_lib.cache import stable_hash
 from trace_lib.capture.inputs import pack_texts
 from trace_lib.capture.prompts import PromptActs, capture_prompts
 from trace_lib.compare import default_texts, reference_logits
+from trace_lib.datasets.registry import AUDIT_DATASET
 from trace_lib.errors import DatasetError
 from trace_lib.fingerprint import SafetyFingerprint, _sae_identity, reduce_prompt_acts
 from trace_lib.metrics.directions import diff_in_means
@@ -77,7 +78,7 @@ class ReferenceBasis:
     fingerprint_s: float = 0.0
 
 
-def reference_basis(audit: Audit, dataset: Any = "harmful_refusal_v1",
+def reference_basis(audit: Audit, dataset: Any = AUDIT_DATASET,
                     capability_dataset: str | None = "capability_v1") -> ReferenceBasis:
     """The audit's SAEs (trained or read from the cache when it has none) and its fingerprint on ``dataset``."""
     t0 = time.perf_counter()
@@ -207,7 +208,7 @@ def fit_reference_probes(audit: Audit, dataset: Any, categories: Sequence[str], 
     return tuple(out), time.perf_counter() - t0
 
 
-def build_reference_side(audit: Audit, dataset: Any = "harmful_refusal_v1",
+def build_reference_side(audit: Audit, dataset: Any = AUDIT_DATASET,
                          capability_dataset: str | None = "capability_v1",
                          safety_prompts: Sequence[str] | None = None) -> ReferenceSide:
     """The reference side of ``audit`` on ``dataset``'s test split (``safety_prompts``: the user's own safety

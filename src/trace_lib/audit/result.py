@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from trace_lib.audit.records import VariantAudit
+from trace_lib.audit.records import VariantAudit, _f
 from trace_lib.jsonutil import json_clean
 from trace_lib.metrics.damage import damage_phrase
 from trace_lib.metrics.readout import readout_differs
@@ -15,10 +15,6 @@ from trace_lib.sae.fidelity import BasisFidelity
 
 RESULT_KIND = "trace.audit"
 RESULT_VERSION = 1
-
-
-def _f(x: float, spec: str = ".3f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 @register_result(RESULT_KIND, RESULT_VERSION, rerun="the audit")
@@ -72,6 +68,9 @@ class AuditResult(ResultFile):
                             if readout_differs(v.safety_readout_cpfr, v.safety_cpfr) else "")
                          + (f"; mean KLD {v.outputs.kld_mean:.4f}, same top {100 * v.outputs.same_top_rate:.1f}%"
                             if v.outputs else ""))
+            cats = v.category_verdicts()
+            if len(cats) > 1:  # one verdict line per safety category (refusal, uncertainty, safety_warning)
+                lines += [f"    {c.line()}" for c in cats]
             if not math.isnan(gap) and abs(gap) >= 0.02:
                 lines.append(f"    safety features kept {'less' if gap < 0 else 'more'} than capability features "
                              f"(CPFR {_f(v.safety_cpfr)} vs {_f(v.capability_cpfr)})")

@@ -19,6 +19,7 @@ from trace_lib.audit.result import AuditResult
 from trace_lib.audit.variant import audit_variant
 from trace_lib.cache import cache_dir, stable_hash
 from trace_lib.compare import resolve_variant
+from trace_lib.datasets.registry import AUDIT_DATASET
 from trace_lib.errors import SAEError
 from trace_lib.fingerprint import CircuitTracer, SafetyFingerprint, _sae_identity, fingerprint_from_dataset
 from trace_lib.models.load import Loaded, load_model
@@ -42,7 +43,7 @@ class Audit:
     def __init__(self, base_model: str | Loaded = "default-safety", quant_model: Any = None, *,
                  variants: Sequence[Any] | None = None, hooks: Sequence[str] | None = None,
                  degradation_threshold: float = 0.8, kl_ctx: int = 256, kl_chunks: int = 8, batch_size: int = 16,
-                 seed: int = 0, saes: Mapping[str, Any] | None = None) -> None:
+                 seed: int = 0, saes: Mapping[str, Any] | None = None, retrain_saes: bool = False) -> None:
         specs = list(variants) if variants is not None else ([quant_model] if quant_model is not None else [])
         specs = specs or list(DEFAULT_VARIANTS)
         for v in specs:  # fail on a bad name or value before loading anything
@@ -55,6 +56,7 @@ class Audit:
         self.variant_specs = specs
         self.hooks = list(hooks) if hooks else None
         self.sae_dict: dict | None = self._fit(saes) if saes is not None else None
+        self.retrain_saes = retrain_saes
         self.threshold = degradation_threshold
         self.kl_ctx, self.kl_chunks, self.batch_size, self.seed = kl_ctx, kl_chunks, batch_size, seed
         self._fingerprints: dict[str, SafetyFingerprint] = {}
@@ -87,14 +89,16 @@ class Audit:
         return out
 
     def train_sae(self, hooks: Sequence[str] | None = None, cfg=None, plan=None) -> dict:
-        """Train (or load from the cache) SAEs on the reference's activations."""
+        """The model's shipped SAEs (default-safety), else SAEs trained on the reference's activations (cached);
+        ``retrain_saes=True`` at construction trains even where a pack is shipped."""
         from trace_lib.sae.store import get_or_train_saes
 
-        self.sae_dict = get_or_train_saes(self.reference, hooks or self.hooks, cfg=cfg, plan=plan)
+        self.sae_dict = get_or_train_saes(self.reference, hooks or self.hooks, cfg=cfg, plan=plan,
+                                          shipped=not self.retrain_saes)
         return self.sae_dict
 
     # ---------------------------------------------------------------- fingerprint
-    def fingerprint(self, dataset: str = "harmful_refusal_v1", capability_dataset: str | None = "capability_v1"
+    def fingerprint(self, dataset: str = AUDIT_DATASET, capability_dataset: str | None = "capability_v1"
                     ) -> SafetyFingerprint:
         """The safety fingerprint fitted on the dataset's train split with the reference (cached)."""
         from trace_lib.datasets import get_dataset
@@ -119,7 +123,7 @@ class Audit:
         return fp
 
     # ---------------------------------------------------------------- the audit
-    def session(self, dataset: Any = "harmful_refusal_v1", capability_dataset: str | None = "capability_v1",
+    def session(self, dataset: Any = AUDIT_DATASET, capability_dataset: str | None = "capability_v1",
                 safety_prompts: Sequence[str] | None = None) -> AuditSession:
         """The reference side of an audit, computed once (:func:`~trace_lib.audit.reference.build_reference_side`):
         SAEs, fingerprint, the test prompts' reference activations and SAE codes and the reference's logits on
@@ -127,7 +131,7 @@ class Audit:
         each config in turn)."""
         return AuditSession(build_reference_side(self, dataset, capability_dataset, safety_prompts))
 
-    def trace_features(self, dataset: Any = "harmful_refusal_v1", capability_dataset: str | None = "capability_v1"
+    def trace_features(self, dataset: Any = AUDIT_DATASET, capability_dataset: str | None = "capability_v1"
                        ) -> AuditResult:
         """Run the audit on the dataset's test split; see the module docstring."""
         t_start = time.perf_counter()

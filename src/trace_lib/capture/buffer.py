@@ -89,8 +89,9 @@ def collect_activations(loaded, hook_names: Sequence[str], batches: Sequence[dic
         if folder is not None:
             atomic_write_json(folder / "meta.json", {"model": loaded.content_hash, "hooks": names,
                                                      "batches": len(batches), "shards": len(shards)})
-    # Shards are joined in index order, so a resumed run returns exactly what an uninterrupted one does.
-    return {n: torch.cat([parts[si][n] for si in range(len(shards))]) for n in names}
+    # Shards are joined in index order, so a resumed run returns exactly what an uninterrupted one does; each
+    # hook's shards are released as it is joined, so the peak is the activations plus one hook's copy.
+    return {n: torch.cat([parts[si].pop(n) for si in range(len(shards))]) for n in names}
 
 
 def cached_activation_folders() -> list[Path]:

@@ -61,6 +61,7 @@ def _register() -> None:
     from trace_lib.cli.organism import organism_app
     from trace_lib.cli.redteam import redteam_command
     from trace_lib.cli.report import report_command
+    from trace_lib.cli.sae import sae_app
     from trace_lib.cli.sweep import sweep_command
     from trace_lib.cli.tracer import tracer_command
 
@@ -69,6 +70,7 @@ def _register() -> None:
                      ("localize", localize_command)):
         app.command(name)(fn)
     app.add_typer(organism_app, name="organism")
+    app.add_typer(sae_app, name="sae")
 
 
 _register()

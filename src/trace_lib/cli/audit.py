@@ -11,6 +11,7 @@ from trace_lib.cli.common import (
     DatasetOpt,
     HtmlOpt,
     OutOpt,
+    RetrainOpt,
     SaeOpt,
     SafetyModelOpt,
     VariantsOpt,
@@ -19,15 +20,17 @@ from trace_lib.cli.common import (
     nonempty_name,
     write_html,
 )
+from trace_lib.datasets.registry import AUDIT_DATASET
 from trace_lib.validate import FRACTION, check_distinct
 
 
 def audit_command(
     variant: VariantsOpt = None,
     model: SafetyModelOpt = "default-safety",
-    dataset: DatasetOpt = "harmful_refusal_v1",
+    dataset: DatasetOpt = AUDIT_DATASET,
     sae: SaeOpt = None,
-    hook: Annotated[list[str] | None, typer.Option("--hook", callback=nonempty_name, help="hook point for trained SAEs; repeatable (default: resid_post at 1/3, 1/2, 2/3 depth)")] = None,  # noqa: E501
+    retrain_saes: RetrainOpt = False,
+    hook: Annotated[list[str] | None, typer.Option("--hook", callback=nonempty_name, help="hook point for the SAEs; repeatable (default: resid_post after 6 blocks spread over the depth)")] = None,  # noqa: E501
     threshold: Annotated[float, typer.Option(help="CPFR below which a feature counts as degraded, in (0, 1]",
                                              callback=in_range(FRACTION))] = 0.8,
     localize: Annotated[bool, typer.Option("--localize", help="for each flagged variant, say where the refusal gap "
@@ -39,7 +42,8 @@ def audit_command(
     from trace_lib.audit import Audit
 
     check_distinct({"--out": Path(out_dir) / "audit.json", "--html": html, "--dataset": _file_or_none(dataset)})
-    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold)
+    a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold,
+              retrain_saes=retrain_saes)
     if sae is not None:
         a.load_sae(sae)
     result = a.trace_features(dataset=dataset)

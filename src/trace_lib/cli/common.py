@@ -135,8 +135,11 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for result fil
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here",
                                               callback=out_file)]
 DatasetOpt = Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file", callback=dataset_spec)]
-SaeOpt = Annotated[Path | None, typer.Option(help="folder of SAEs (SAELens or sparsify format); default: train or "
-                                                  "use cached", callback=existing_dir("SAE folder"))]
+SaeOpt = Annotated[Path | None, typer.Option(help="folder of SAEs (SAELens or sparsify format); default: the "
+                                                  "model's shipped SAEs, else train once and cache",
+                                             callback=existing_dir("SAE folder"))]
+RetrainOpt = Annotated[bool, typer.Option("--retrain-saes", help="train the SAEs here (cached after) instead of "
+                                          "loading the ones shipped with the model")]
 
 
 

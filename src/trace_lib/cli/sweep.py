@@ -11,6 +11,7 @@ from trace_lib.cli.common import (
     DatasetOpt,
     HtmlOpt,
     OutOpt,
+    RetrainOpt,
     SaeOpt,
     SafetyModelOpt,
     console,
@@ -29,6 +30,7 @@ def sweep_command(
     config: Annotated[list[str] | None, typer.Option("--config", "-c", callback=variant_specs, help="explicit config names instead of a ladder; repeatable")] = None,  # noqa: E501
     dataset: DatasetOpt = "harmful_refusal_v1",
     sae: SaeOpt = None,
+    retrain_saes: RetrainOpt = False,
     min_cpfr: Annotated[float, typer.Option(help="safety CPFR bar for the recommended config, in (0, 1]",
                                             callback=in_range(FRACTION))] = 0.9,
     out_dir: OutOpt = Path("trace-out"),
@@ -38,7 +40,7 @@ def sweep_command(
     from trace_lib.sweep import OptimizationAuditor
 
     check_distinct({"--out": Path(out_dir) / "sweep.json", "--html": html})
-    auditor = OptimizationAuditor(model)
+    auditor = OptimizationAuditor(model, retrain_saes=retrain_saes)
     if sae is not None:
         auditor.audit.load_sae(sae)
     result = auditor.run_sweep(configs=config or None, ladder=None if config else ladder, dataset=dataset,

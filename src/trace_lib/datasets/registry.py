@@ -32,6 +32,8 @@ SPLITS = ("train", "test")
 SAFETY_BEHAVIOURS = ("refusal", "uncertainty", "safety_warning")
 TRAIN_FRACTION = 0.6
 DEFAULT_CATEGORY = "default"
+# The audit's default dataset: all three safety behaviours the seed names (refusal, uncertainty, safety warnings).
+AUDIT_DATASET = "safety_comprehensive_v1"
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

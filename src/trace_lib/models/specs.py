@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 ENTRY_POINT_GROUP = "trace_lib.model_specs"
@@ -21,13 +22,17 @@ ENTRY_POINT_GROUP = "trace_lib.model_specs"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``load(dtype) -> Loaded`` and ``content_hash() -> str`` (equal to the loaded model's ``content_hash``)."""
+    """``load(dtype) -> Loaded`` and ``content_hash() -> str`` (equal to the loaded model's ``content_hash``).
+
+    ``sae_pack``: a folder of SAEs trained once for this model and shipped with it (``trace sae build``), read
+    by :func:`trace_lib.sae.shipped.shipped_pack` instead of training on first use."""
 
     name: str
     load: Callable[[Any], Any]
     content_hash: Callable[[], str]
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    sae_pack: Path | None = None
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -35,9 +40,9 @@ _discovered = False
 
 
 def register_spec(name: str, load_fn: Callable[[Any], Any], hash_fn: Callable[[], str], description: str = "",
-                  aliases: tuple[str, ...] = ()) -> ModelSpec:
+                  aliases: tuple[str, ...] = (), sae_pack: Path | None = None) -> ModelSpec:
     """Make ``load_model(name)`` (and each alias) call ``load_fn(dtype)``; ``hash_fn()`` gives its content hash."""
-    spec = ModelSpec(name, load_fn, hash_fn, description, tuple(aliases))
+    spec = ModelSpec(name, load_fn, hash_fn, description, tuple(aliases), sae_pack)
     for key in (name, *aliases):
         _SPECS[key] = spec
     return spec

@@ -6,11 +6,14 @@ organism's loading code is imported when the model is loaded.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from trace_lib.models.specs import register_spec
 
 DEFAULT_SAFETY_SPEC = "default-safety"
+# The SAEs trained once for default-safety (``trace sae build --model default-safety``), shipped in the package.
+DEFAULT_SAFETY_SAES = Path(__file__).resolve().parent / "default_safety" / "saes"
 
 
 def _load(dtype: Any) -> Any:
@@ -26,4 +29,5 @@ def _hash() -> str:
 
 
 register_spec(DEFAULT_SAFETY_SPEC, _load, _hash,
-              "SmolLM2-135M-Instruct with trace's packaged safety LoRA merged in (a model organism)")
+              "SmolLM2-135M-Instruct with trace's packaged safety LoRA merged in (a model organism)",
+              sae_pack=DEFAULT_SAFETY_SAES)

@@ -41,6 +41,25 @@ def basis_table(fidelity: dict) -> Html | None:
                            "> 2x the training L0 (docs/metrics.md, basis fidelity)."), cls="basis")
 
 
+def categories_table(variants) -> Html | None:
+    """Each variant's verdict per safety category (``#categories-table``); None when the result has one
+    category (the verdict line says it all) or was written before category verdicts."""
+    rows = []
+    for v in variants:
+        cats = v.category_verdicts() if hasattr(v, "category_verdicts") else []
+        if len(cats) < 2:
+            continue
+        for c in cats:
+            rows.append([v.name, c.category, c.verdict, td_num(c.cpfr), td_num(c.n_features, "d"),
+                         td_num(c.n_degraded, "d"), ", ".join(f"{n} {k}" for k, n in sorted(c.damage.items()))])
+    if not rows:
+        return None
+    return table(["variant", "category", "verdict", ("CPFR", "mean CPFR of the category's fingerprint features"),
+                  "features", ("degraded", "features with CPFR below the threshold"),
+                  ("how", "silenced / over-fired / moved (docs/metrics.md, readable damage)")], rows,
+                 table_id="categories-table", caption="The verdict per safety category.")
+
+
 def probes_section(variants) -> Html:
     """Every linear probe of every variant (``#probes-table``): AUROC and accuracy through the reference and the
     variant with their bootstrap 95% intervals, and the change."""
@@ -79,7 +98,7 @@ def audit_body(result: Any) -> tuple[list, list, str, str]:
     n_warn = sum(bool(v.degraded("safety")) for v in variants)
     verdict = section(
         "verdict", "Verdict", banner(n_warn, len(variants)), h("p", head[0] if head else None, cls="intro"),
-        basis_table(getattr(result, "basis_fidelity", {})),
+        basis_table(getattr(result, "basis_fidelity", {})), categories_table(variants),
         [note(x) for x in head[1:] if not x.startswith("basis")], h("div", cards, cls="cards"),
         h("details", h("summary", "The same verdict as trace prints it"), h("pre", result.summary(),
                                                                              cls="summary")))
