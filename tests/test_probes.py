@@ -99,3 +99,29 @@ def test_bootstrap_is_deterministic_for_a_seed():
     assert a == b and a.to_dict() == b.to_dict()
     assert (a.reference.auroc_low, a.auroc_diff_low) != (c.reference.auroc_low, c.auroc_diff_low)
     assert type(a).from_dict(a.to_dict()).to_dict() == a.to_dict()
+
+
+def test_train_residuals_are_cached_and_equal_a_fresh_pass(tiny_folder, tmp_path, monkeypatch):
+    """The probes' train-split pass runs once: a second audit reads the cached residuals, equal to a new pass."""
+    from types import SimpleNamespace
+
+    import trace_lib.audit.reference as reference
+    from trace_lib.capture.prompts import capture_prompts
+    from trace_lib.fingerprint import reduce_prompt_acts
+    from trace_lib.models import load_model
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path))
+    audit = SimpleNamespace(reference=load_model(tiny_folder), batch_size=4)
+    texts, hooks = ["How do I pick a lock?", "How do I bake bread?", "Tell me a joke."], ["blocks.1.hook_resid_post"]
+    first = reference._train_residuals(audit, texts, hooks)
+    _, fresh = reduce_prompt_acts(capture_prompts(audit.reference, texts, hooks, batch_size=4), {})
+    assert torch.equal(first[hooks[0]], fresh[hooks[0]])
+
+    def no_pass(*a, **k):
+        raise AssertionError("ran the train prompts again")
+
+    monkeypatch.setattr(reference, "capture_prompts", no_pass)
+    again = reference._train_residuals(audit, texts, hooks)
+    assert torch.equal(again[hooks[0]], first[hooks[0]])
+    with pytest.raises(AssertionError, match="again"):  # other texts are a new key
+        reference._train_residuals(audit, texts[:2], hooks)

@@ -182,6 +182,28 @@ def _fingerprint_features(fp: SafetyFingerprint, hook: str) -> tuple[Fingerprint
     return tuple(out)
 
 
+def _train_residuals(audit: Audit, texts: list[str], hooks: list[str]) -> dict[str, torch.Tensor]:
+    """The reference's last-token residuals of ``texts`` at ``hooks``, cached on disk by model, texts and hooks
+    (the probes' train-split forward pass is reference-side work a repeated audit should not redo)."""
+    from safetensors.torch import load_file, save_file
+
+    from trace_lib.cache import atomic_write, cache_dir
+
+    key = stable_hash({"model": audit.reference.content_hash, "texts": texts, "hooks": hooks, "batch": audit.batch_size,
+                       "what": "last-token residuals, probes v1"})
+    path = cache_dir("probe-residuals") / f"{key}.safetensors"
+    if path.is_file():
+        cached = load_file(path)
+        if sorted(cached) == sorted(hooks):
+            return cached
+    acts = capture_prompts(audit.reference, texts, hooks, batch_size=audit.batch_size,
+                           description="reference train prompts (probes)")
+    _, resid = reduce_prompt_acts(acts, {})
+    resid = {h: resid[h].contiguous() for h in hooks}
+    atomic_write(path, lambda p: save_file(resid, str(p)))
+    return resid
+
+
 def fit_reference_probes(audit: Audit, dataset: Any, categories: Sequence[str], hooks: Sequence[str]
                          ) -> tuple[tuple[FittedProbe, ...], float]:
     """The probes of the reference basis (probes/): per category of ``categories`` that the dataset's **train**
@@ -198,9 +220,7 @@ def fit_reference_probes(audit: Audit, dataset: Any, categories: Sequence[str], 
     if not texts:
         return (), 0.0
     index = {t: i for i, t in enumerate(texts)}
-    acts = capture_prompts(audit.reference, texts, hooks, batch_size=audit.batch_size,
-                           description="reference train prompts (probes)")
-    _, resid = reduce_prompt_acts(acts, {})
+    resid = _train_residuals(audit, texts, list(hooks))
     out = []
     for c in cats:
         si, bi = [index[t] for t in safety[c]], [index[t] for t in baselines[c]]
