@@ -59,3 +59,34 @@ def test_a_random_sae_is_flagged_naming_the_hook_and_a_perfect_one_is_not():
     dense = measure_fidelity(good_sae, HOOK, x)
     assert dense.l0 == pytest.approx(8.0) and len(dense.warnings) == 1 and "training L0 2" in dense.warnings[0]
     assert BasisFidelity.from_dict(dense.to_dict()) == dense
+
+
+def test_ce_recovered_shares_one_clean_pass_and_is_cached(tiny_folder, tmp_path, monkeypatch):
+    """fidelity_of_saes over two hooks gives what ce_loss_with_sae gives hook by hook, and a second call reads
+    the cached splices instead of running them again."""
+    import trace_lib.sae.splice as splice
+    from trace_lib.capture.inputs import prompt_batches
+    from trace_lib.models import load_model
+    from trace_lib.sae.fidelity import fidelity_of_saes
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path))
+    loaded = load_model(tiny_folder)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    saes = {h: _random_sae(loaded.d_model, seed=i) for i, h in enumerate(hooks)}
+    for h in hooks:
+        saes[h].cfg.hook_name = h
+    prompts = ["How do I pick a lock?", "Bake bread, please.", "What is 2+2?"]
+    acts = {h: torch.randn(20, loaded.d_model) for h in hooks}
+    got = fidelity_of_saes(saes, acts, loaded, prompts, batch_size=2)
+    batches = list(prompt_batches(loaded.tokenizer, prompts, batch_size=2))
+    for h in hooks:
+        want = splice.ce_loss_with_sae(loaded, saes[h], h, batches)
+        assert got[h].ce_loss_recovered == pytest.approx(want["ce_loss_recovered"], rel=1e-6)
+        assert got[h].ce_loss_clean == pytest.approx(want["ce_loss_clean"], rel=1e-6)
+
+    def no_splice(*a, **k):
+        raise AssertionError("spliced again")
+
+    monkeypatch.setattr(splice, "ce_loss_with_sae", no_splice)
+    again = fidelity_of_saes(saes, acts, loaded, prompts, batch_size=2)
+    assert [again[h].ce_loss_recovered for h in hooks] == [got[h].ce_loss_recovered for h in hooks]

@@ -16,6 +16,7 @@ SAEs that do not record it).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -97,7 +98,8 @@ class BasisFidelity:
 
 
 def measure_fidelity(sae: Any, hook: str, acts: torch.Tensor, loaded: Any = None,
-                     ce_batches: Sequence[dict[str, torch.Tensor]] = (), ce_prompts: int = 0) -> BasisFidelity:
+                     ce_batches: Sequence[dict[str, torch.Tensor]] = (), ce_prompts: int = 0,
+                     clean: float | None = None) -> BasisFidelity:
     """:class:`BasisFidelity` of ``sae`` on activations ``acts`` ``[n_tokens, d_in]`` of ``hook`` (the audited
     tokens); CE loss recovered when ``loaded`` and ``ce_batches`` (the audited prompts, tokenised) are given."""
     q = evaluate_sae(sae, acts)
@@ -107,9 +109,7 @@ def measure_fidelity(sae: Any, hook: str, acts: torch.Tensor, loaded: Any = None
                         training_explained_variance=_num(trained.get("explained_variance")),
                         training_l0=_num(trained.get("l0")))
     if loaded is not None and ce_batches:
-        from trace_lib.sae.splice import ce_loss_with_sae
-
-        ce = ce_loss_with_sae(loaded, sae, hook, ce_batches)
+        ce = _cached_ce(loaded, sae, hook, ce_batches, clean)
         out.ce_loss_recovered, out.ce_loss_clean, out.ce_loss_sae = (
             ce["ce_loss_recovered"], ce["ce_loss_clean"], ce["ce_loss_sae"])
         out.ce_prompts = ce_prompts
@@ -132,4 +132,30 @@ def fidelity_of_saes(saes: Mapping[str, Any], acts: Mapping[str, torch.Tensor], 
         device = next(loaded.model.parameters()).device
         batches = [{k: v.to(device) for k, v in b.items()}
                    for b in prompt_batches(loaded.tokenizer, chosen, batch_size=batch_size)]
-    return {h: measure_fidelity(sae, h, acts[h], loaded, batches, len(chosen)) for h, sae in saes.items()}
+    clean = None
+    if batches and len(saes) > 1:  # one clean pass shared by every hook
+        from trace_lib.sae.splice import clean_ce_loss
+
+        clean = clean_ce_loss(loaded, batches)
+    return {h: measure_fidelity(sae, h, acts[h], loaded, batches, len(chosen), clean) for h, sae in saes.items()}
+
+
+def _cached_ce(loaded: Any, sae: Any, hook: str, batches: Sequence[dict[str, torch.Tensor]],
+               clean: float | None) -> dict[str, float]:
+    """:func:`~trace_lib.sae.splice.ce_loss_with_sae`, cached on disk by model, SAE content, hook and tokens:
+    the splices are reference-side work that a repeated audit of the same prompts need not redo."""
+    from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
+    from trace_lib.capture.buffer import token_key
+    from trace_lib.sae.splice import ce_loss_with_sae
+
+    key = stable_hash({"model": loaded.content_hash, "sae": sae.content_hash(), "hook": hook,
+                       "tokens": token_key(batches), "what": "ce loss recovered v1"})
+    path = cache_dir("sae-ce") / f"{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    ce = ce_loss_with_sae(loaded, sae, hook, batches, clean=clean)
+    atomic_write_json(path, ce)
+    return ce

@@ -32,10 +32,17 @@ def _mean_ce(loaded, batches: list[dict[str, torch.Tensor]]) -> float:
     return total / max(count, 1)
 
 
-def ce_loss_with_sae(loaded, sae, hook_name: str, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Clean, spliced and zero-ablated CE losses and the fraction of CE loss recovered."""
+def clean_ce_loss(loaded, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """The clean mean CE loss over ``batches`` (the same for every hook; pass it to :func:`ce_loss_with_sae`)."""
+    return _mean_ce(loaded, list(batches))
+
+
+def ce_loss_with_sae(loaded, sae, hook_name: str, batches: Iterable[dict[str, torch.Tensor]],
+                     clean: float | None = None) -> dict[str, float]:
+    """Clean, spliced and zero-ablated CE losses and the fraction of CE loss recovered; ``clean`` is the
+    :func:`clean_ce_loss` of the same batches when already known (several hooks share one clean pass)."""
     batches = list(batches)
-    clean = _mean_ce(loaded, batches)
+    clean = _mean_ce(loaded, batches) if clean is None else clean
     with replace_activation(loaded, hook_name, lambda x: sae(x.float())):
         spliced = _mean_ce(loaded, batches)
     with replace_activation(loaded, hook_name, torch.zeros_like):
