@@ -5,7 +5,7 @@
             owner='ablate_directions', permanent=True, phase='forward')]
 >>> remove_hooks(variant, kind="ablation")      # the variant computes as its reference again
 
-Every hook trace registers (capture, ablation, activation fake-quantization, activation replacement) goes
+Every hook trace registers (capture, ablation, activation fake-quantization, activation replacement, steering) goes
 through :func:`register_hook`, which tags the hook; :func:`installed_hooks` reads the tags back from the
 modules' own hook tables. So the list is never stale: a hook removed through its handle (a capture block
 ending) is gone from it, and a model copied with ``copy.deepcopy`` lists the hooks it carries. Hooks that
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-KINDS = ("capture", "ablation", "fake-quant", "replacement")
+KINDS = ("capture", "ablation", "fake-quant", "replacement", "steering")
 _TAG = "_trace_hook"
 # The hook tables a forward (pre-)hook lives in; RemovableHandle.remove() deletes its id from the same ones.
 _TABLES = {"pre": ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
@@ -40,7 +40,7 @@ class _Tag:
 class HookRecord:
     """One hook trace installed: where (``module``, its qualified name; ``""`` is the model itself), on what
     (``hook_name``: a TransformerLens hook name, a Linear's name, or ``model:start``/``model:end``), what for
-    (``kind``: capture, ablation, fake-quant, replacement), by whom (``owner``), and whether it stays on the
+    (``kind``: capture, ablation, fake-quant, replacement, steering), by whom (``owner``), and whether it stays on the
     model (``permanent``) or is removed when its block ends."""
 
     module: str

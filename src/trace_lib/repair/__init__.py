@@ -1,0 +1,41 @@
+"""Repairs of a damaged variant: steering vectors, weight edits (and, later, per-module precision search).
+
+:mod:`.steer` (:class:`SteeringVector`: difference-in-means directions added to the residual stream, as a
+context manager or a variant), :mod:`.strength` (the steering strength chosen on the train split by the
+refusal / over-refusal trade-off), :mod:`.edit` (Arditi et al.'s weight orthogonalisation and its inverse).
+"""
+
+from trace_lib.repair.edit import (
+    EditError,
+    EditUnsupportedError,
+    Writer,
+    remove_direction,
+    residual_writers,
+    restore_direction,
+)
+from trace_lib.repair.steer import SteeringVector, steer_variant
+from trace_lib.repair.strength import (
+    CandidateCheck,
+    Outcomes,
+    StrengthChoice,
+    choose_strength,
+    measure_outcomes,
+    select_strength,
+)
+
+__all__ = [
+    "CandidateCheck",
+    "EditError",
+    "EditUnsupportedError",
+    "Outcomes",
+    "SteeringVector",
+    "StrengthChoice",
+    "Writer",
+    "choose_strength",
+    "measure_outcomes",
+    "remove_direction",
+    "residual_writers",
+    "restore_direction",
+    "select_strength",
+    "steer_variant",
+]
