@@ -1,4 +1,5 @@
-"""Mixed-precision configs: per-module overrides, their names, JSON form and storage."""
+"""Mixed-precision configs: per-module overrides, their names, JSON form and storage, and the GGUF file they
+write (read back by gguf-py and loaded by transformers, with the in-memory variant's logits)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 import pytest
 import torch
 
-from trace_lib.errors import QuantizationError
+from trace_lib.errors import OutputPathError, QuantizationError, UnsupportedArchitectureError
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
 from trace_lib.quant.linears import matches
 
@@ -204,3 +205,151 @@ def test_a_pattern_the_model_lacks_is_named_with_valid_names():
         quantize(ref, mixed({"model.layers.7": "fp16"}))
     with pytest.raises(QuantizationError, match="'model.norm' names no Linear"):
         quantize(ref, mixed({"model.norm": "fp16"}))
+
+
+# ------------------------------------------------------------------ the GGUF file
+
+@pytest.fixture(scope="module")
+def smol_tiny(tmp_path_factory):
+    """A tiny random Llama (hidden 32, intermediate 64, tied embeddings) with SmolLM2's real tokenizer, read from
+    the default model's GGUF metadata (no weights are loaded)."""
+    import transformers as T
+    from transformers import AutoTokenizer
+
+    from trace_lib.models import from_model
+    from trace_lib.models.default import default_gguf_path
+
+    p = default_gguf_path()
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{**TINY, "vocab_size": len(tok)}, tie_word_embeddings=True)).eval()
+    return from_model(model, tokenizer=tok, name="tiny-smol")
+
+
+GGUF_MIX = {DOWN1: "gguf-q8_0", "model.layers.2": "fp16", "lm_head": "q8_0", "model.layers.0.self_attn.v_proj": "fp32"}
+
+
+def test_the_written_gguf_has_each_tensors_type_and_loads_to_the_variants_logits(smol_tiny, tmp_path, monkeypatch):
+    from gguf import GGUFReader
+
+    from trace_lib.models import load_model
+    from trace_lib.quant.gguf_write import write_mixed_gguf
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path / "cache"))
+    cfg = mixed(GGUF_MIX)
+    path = write_mixed_gguf(smol_tiny, cfg, tmp_path / "out" / "tiny-mixed.gguf")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    gguf_parts = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]  # llama.cpp's names
+    want = {"token_embd.weight": "F32", "output_norm.weight": "F32", "output.weight": "Q8_0"}
+    for i in range(3):
+        want |= {f"blk.{i}.attn_norm.weight": "F32", f"blk.{i}.ffn_norm.weight": "F32"}
+        for g in gguf_parts:
+            want[f"blk.{i}.{g}.weight"] = "F16" if i == 2 else "Q4_0"
+    want |= {"blk.1.ffn_down.weight": "Q8_0", "blk.0.attn_v.weight": "F32"}
+    assert types == want
+
+    variant = quantize(smol_tiny, cfg)
+    loaded = load_model(path)  # transformers' GGUF loader, de-quantized to float32, then trace's cache
+    assert not loaded.model.config.tie_word_embeddings  # the head is its own Q8_0 tensor
+    ids = _ids(vocab=len(smol_tiny.tokenizer))
+    with torch.no_grad():
+        got, expected = loaded.model(ids).logits, variant.model(ids).logits
+    # The same float32 weights (row-wise blocks commute with llama.cpp's Q/K row permutation) give the same
+    # logits; the tolerance leaves room for rms_norm_eps, which GGUF stores as float32 (1e-6 -> 9.99999997e-7).
+    assert (got - expected).abs().max().item() <= 1e-5
+    want_sd, got_sd = variant.model.state_dict(), loaded.model.state_dict()
+    assert want_sd.keys() == got_sd.keys() and all(torch.equal(want_sd[k], got_sd[k]) for k in want_sd)
+    text = "Quantized models, 123 tokens: <|im_start|>hi"
+    assert loaded.tokenizer.encode(text) == smol_tiny.tokenizer.encode(text)
+
+
+def test_every_type_reads_back_as_the_variants_weights_after_undoing_the_qk_permutation(tmp_path):
+    """Without transformers: gguf-py de-quantizes each tensor of the file, the Q/K rows are put back in HF order
+    (transformers' ``_reverse_permute_weights``, written out here), and each equals the variant's weight."""
+    import numpy as np
+    import transformers as T
+    from gguf import GGUFReader, quants
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from trace_lib.quant.gguf_write import write_mixed_gguf
+
+    ref = tiny_loaded("llama")
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    ref.tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    cfg = mixed({"model.layers.1": "bf16", "model.layers.0.mlp": "q4_1", "model.layers.2.self_attn.q_proj": "fp16"},
+                base="gguf-q5_1")
+    reader = GGUFReader(write_mixed_gguf(ref, cfg, tmp_path / "toy.gguf"))
+    variant = dict(quantize(ref, cfg).model.named_parameters())
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+    seen = set()
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d)\.(\w+)\.weight", t.name)
+        if not m or m.group(2) not in hf:
+            continue
+        want = variant[f"model.layers.{m.group(1)}.{hf[m.group(2)]}.weight"].detach().numpy()
+        w = quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        if m.group(2) in ("attn_q", "attn_k"):
+            heads = 4 if m.group(2) == "attn_q" else 2
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(2, 1).reshape(want.shape)
+        assert np.array_equal(w, want), t.name
+        seen.add(t.tensor_type.name)
+    assert seen == {"Q5_1", "Q4_1", "BF16", "F16"}
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[:4] == ["a", "b", "ab", "[PAD3]"]
+    assert reader.fields["general.file_type"].contents() == 9  # llama.cpp's MOSTLY_Q5_1
+
+
+def test_llama_quantize_args_name_each_tensor_once_with_its_type(smol_tiny):
+    from trace_lib.quant.gguf_write import gguf_tensor_plan, llama_quantize_args, llama_quantize_command
+
+    cfg = mixed(GGUF_MIX)
+    args = llama_quantize_args(cfg, smol_tiny)
+    assert args[:4] == ["--token-embedding-type", "f32", "--output-tensor-type", "q8_0"] and args[-1] == "Q4_0"
+    plan = {t.name: t.type for t in gguf_tensor_plan(smol_tiny, cfg)}
+    pairs = [args[i + 1].split("=") for i in range(4, len(args) - 1, 2)]
+    assert all(args[i] == "--tensor-type" for i in range(4, len(args) - 1, 2))
+    for pattern, ggml_type in pairs:  # llama.cpp searches each pattern as a regex in every tensor name
+        hits = [n for n in plan if re.search(pattern, n)]
+        assert hits == [pattern + ".weight"] and plan[hits[0]].lower() == ggml_type
+    overridden = {p + ".weight" for p, _ in pairs}
+    linear_types = {n: t for n, t in plan.items() if n.startswith("blk.") and "norm" not in n}
+    assert {n for n, t in linear_types.items() if t != "Q4_0"} == overridden
+    assert len(pairs) == 1 + 7 + 1  # blk.1.ffn_down, layer 2's seven, blk.0.attn_v
+    assert llama_quantize_command(cfg, smol_tiny).endswith("model-f32.gguf model-mixed.gguf Q4_0")
+    tied = {t.name: t.type for t in gguf_tensor_plan(smol_tiny, mixed({DOWN1: "q8_0"}))}
+    assert "output.weight" not in tied and llama_quantize_args(mixed({DOWN1: "q8_0"}), smol_tiny)[3] == "f32"
+
+
+def test_what_the_gguf_writer_refuses(tmp_path):
+    from trace_lib.quant.gguf_write import write_mixed_gguf
+
+    ref = tiny_loaded("llama")
+    with pytest.raises(QuantizationError, match="the base must be a gguf-\\* type"):
+        write_mixed_gguf(ref, mixed({DOWN1: "fp16"}, base="int4-rtn-g32"), tmp_path / "a.gguf")
+    with pytest.raises(QuantizationError, match="int8-weight has no GGUF tensor type"):
+        write_mixed_gguf(ref, mixed({DOWN1: "int8-weight"}), tmp_path / "a.gguf")
+    with pytest.raises(QuantizationError, match="drop the -a8"):
+        write_mixed_gguf(ref, "gguf-q4_0-a8", tmp_path / "a.gguf")
+    with pytest.raises(OutputPathError, match="ends in .gguf"):
+        write_mixed_gguf(ref, "gguf-q4_0", tmp_path / "a.bin")
+    with pytest.raises(UnsupportedArchitectureError, match="llama-family models .* not 'qwen2'"):
+        write_mixed_gguf(tiny_loaded("qwen2"), "gguf-q4_0", tmp_path / "a.gguf")
+    with pytest.raises(QuantizationError, match="override 'model.layers.9' names no Linear"):
+        write_mixed_gguf(ref, mixed({"model.layers.9": "fp16"}), tmp_path / "a.gguf")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_the_default_model_written_mixed_loads_to_the_variants_logits(default_loaded, tmp_path, monkeypatch):
+    from trace_lib.models import load_model
+    from trace_lib.quant.gguf_write import write_mixed_gguf
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path / "cache"))
+    cfg = mixed({"model.layers.12.mlp.down_proj": "gguf-q8_0", "model.layers.13": "fp16"})
+    loaded = load_model(write_mixed_gguf(default_loaded, cfg, tmp_path / "smollm2-mixed.gguf"))
+    ids = default_loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (loaded.model(ids).logits - quantize(default_loaded, cfg).model(ids).logits).abs().max().item()
+    assert diff <= 1e-4
