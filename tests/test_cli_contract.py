@@ -61,6 +61,12 @@ def box(tmp_path):
     (pickled / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     (work / "no-config").mkdir()
+    # mixed-precision configs (trace_lib.quant.config's JSON form)
+    (work / "bad.json").write_text('{"base": "gguf-q4_0", "overrides": {')
+    (work / "noweights.json").write_text(json.dumps({"base": "fp16", "overrides": {"model.layers.1": "gguf-q8_0"}}))
+    (work / "act.json").write_text(json.dumps({"base": "gguf-q4_0", "overrides": {"model.layers.1": "int8-dyn-tok"}}))
+    (work / "unknown.json").write_text(json.dumps({"base": "gguf-q4_0", "overrides": {"model.layers.1": "q9_0"}}))
+    (work / "lacks.json").write_text(json.dumps({"base": "gguf-q4_0", "overrides": {"model.layers.7": "fp16"}}))
     return work, cache
 
 
@@ -125,6 +131,12 @@ VALUE_ERRORS = [
     (["sweep", "-c", "nope"], "unknown quantization config 'nope'"),
     (["tracer", "-p", "hi", "-v", "int4-gptq-g0"], "group size must be positive"),
     (["hooks", "--model", ""], "--model is empty"),
+    (["audit", "-v", "missing.json"], "no config file at missing.json"),
+    (["audit", "-v", "bad.json"], "bad.json is not valid JSON (Expecting property name"),
+    (["compare", "-v", "noweights.json"], "fp16 quantizes no weights; there are no modules to keep at higher precision"),
+    (["sweep", "-c", "act.json"], "int8-dyn-tok quantizes activations; an override takes a weight-only type"),
+    (["tracer", "-p", "hi", "-v", "unknown.json"], "override 'model.layers.1': unknown quantization config 'q9_0'"),
+    (["audit", "-v", "gguf-q4_0+mxb509f61b"], "names a mixed-precision config"),
     (["audit", "--hook", ""], "--hook is empty"),
     (["audit", "--dataset", "nope"], "unknown dataset 'nope'"),
     (["audit", "--dataset", ""], "--dataset is empty"),
@@ -187,6 +199,34 @@ def test_indices_out_of_the_models_range_are_refused_after_load_and_before_work(
     for flag, value in (("--attn-layer", "3"), ("--attn-head", "4"), ("--track", "10000000")):
         res = run_cli(["tracer", "-m", str(tiny_folder), "-p", "hi", flag, value, "-o", "t.json"], work, cache)
         assert_refused(res, f"{flag} {value} is out of range", max_lines=1)
+    assert _tree(work, cache) == before
+
+
+@pytest.fixture
+def tiny_plain_folder(tmp_path):
+    """A tiny random Llama folder with a two-word tokenizer: enough to load, no real model needed."""
+    import torch
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-plain"
+    T.LlamaForCausalLM(T.LlamaConfig(**TINY)).save_pretrained(path)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_a_config_file_naming_modules_the_model_lacks_is_refused_after_load(tiny_plain_folder, box):
+    work, cache = box
+    assert run_cli(["hooks", "--model", str(tiny_plain_folder)], work, cache).returncode == 0  # the file-hash memo
+    before = _tree(work, cache)
+    res = run_cli(["tracer", "-m", str(tiny_plain_folder), "-p", "hi", "-v", "lacks.json", "-o", "t.json"], work, cache)
+    assert_refused(res, "override 'model.layers.7' names no Linear layer of this model; its Linear layers are named "
+                        "like model.layers.0.self_attn.q_proj", max_lines=1)
     assert _tree(work, cache) == before
 
 

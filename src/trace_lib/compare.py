@@ -90,7 +90,8 @@ class CompareResult(ResultFile):
 
 
 def resolve_variant(reference: Loaded, variant: str | QuantizationConfig | Loaded) -> Loaded:
-    """A variant given as a config (name), or an already-built model, or another model spec."""
+    """A variant given as a config (name, or a mixed-precision config's .json file), or an already-built model,
+    or another model spec."""
     if isinstance(variant, Loaded):
         return variant
     if isinstance(variant, QuantizationConfig):
@@ -101,7 +102,8 @@ def resolve_variant(reference: Loaded, variant: str | QuantizationConfig | Loade
     try:
         return quantize(reference, parse_config(variant))
     except QuantizationError as e:
-        if Path(variant).expanduser().exists():
+        is_config_file = str(variant).strip().lower().endswith(".json")  # its errors are the config's, not a model's
+        if not is_config_file and Path(variant).expanduser().exists():
             return load_model(variant)
         raise e
 

@@ -83,11 +83,15 @@ def check_nonempty(name: str, value: object) -> str:
 
 
 def check_variant_spec(spec: object, name: str = "variant") -> None:
-    """A variant given by name must be a config name (``trace configs``) or an existing model path. Objects
-    (a QuantizationConfig, a loaded model) pass; their own types check them."""
+    """A variant given by name must be a config name (``trace configs``), a mixed-precision config's ``.json``
+    file (read and checked now) or an existing model path. Objects (a QuantizationConfig, a loaded model) pass;
+    their own types check them."""
     if isinstance(spec, QuantizationConfig) or not isinstance(spec, str | os.PathLike):
         return
     check_nonempty(name, str(spec))
+    if str(spec).strip().lower().endswith(".json"):
+        parse_config(str(spec))  # a missing file, bad JSON or unknown names raise QuantizationError
+        return
     if Path(spec).expanduser().exists():
         return
     parse_config(str(spec))  # an unknown or invalid name raises QuantizationError with the valid forms

@@ -66,7 +66,8 @@ def nonempty_name(ctx: typer.Context, param: Any, value: Any) -> Any:
 
 
 def variant_specs(ctx: typer.Context, param: Any, value: Any) -> Any:
-    """Each variant is a config name (``trace configs``) or an existing model path; checked without torch."""
+    """Each variant is a config name (``trace configs``), a mixed-precision config's .json file or an existing model
+    path; checked without torch."""
     for v in value or []:
         check_variant_spec(v, _opt(param))
     return value
@@ -130,7 +131,8 @@ SafetyModelOpt = Annotated[str, typer.Option(
          "a HF folder or a .gguf")]
 VariantsOpt = Annotated[list[str] | None, typer.Option(
     "--variant", "-v", callback=variant_specs,
-    help="config name (trace configs) or model path; repeatable (default: int8-dynamic, int4-rtn-g32, gguf-q4_0)")]
+    help="config name (trace configs), mixed-precision config .json file, or model path; repeatable (default: "
+         "int8-dynamic, int4-rtn-g32, gguf-q4_0)")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for result files", callback=out_dir)]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here",
                                               callback=out_file)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -12,8 +13,15 @@ from trace_lib.cache import stable_hash
 from trace_lib.errors import QuantizationError
 from trace_lib.models.arch import adapt
 from trace_lib.models.load import Loaded
-from trace_lib.quant.config import GGUF_BPW, GGUF_TYPES, QuantizationConfig, QuantizationType, parse_config
-from trace_lib.quant.linears import convert_conv1d, quantizable_linears
+from trace_lib.quant.config import (
+    CASTS,
+    GGUF_BPW,
+    GGUF_TYPES,
+    QuantizationConfig,
+    QuantizationType,
+    parse_config,
+)
+from trace_lib.quant.linears import assign_linears, convert_conv1d, quantizable_linears
 
 
 def quantize(loaded: Loaded, config: QuantizationConfig | str) -> Loaded:
@@ -21,47 +29,81 @@ def quantize(loaded: Loaded, config: QuantizationConfig | str) -> Loaded:
 
     The reference model is deep-copied first; its weights are untouched. The variant's ``quant_info``
     records the library and execution path used, the time taken, and the storage the format implies
-    (bits per weight, model size; see :func:`storage_report`).
+    (bits per weight, model size; see :func:`storage_report`). A mixed-precision config (one with
+    ``overrides``) quantizes each group of Linear layers with its own type (:func:`assign_linears`).
     """
     config = parse_config(config)
     start = time.perf_counter()
     model = copy.deepcopy(loaded.model)
     model.eval()
     convert_conv1d(model)
-    t = config.type
-    linears = quantizable_linears(model, config.skip) if t is not QuantizationType.FP32 or config.act_bits else []
-    if t in (QuantizationType.FP32, QuantizationType.FP16, QuantizationType.BF16):
-        from trace_lib.quant.casts import apply_cast
+    quantized: set[str] | dict[str, QuantizationConfig]
+    if config.overrides:
+        assigned = assign_linears(model, config)
+        info = _apply_mixed(model, assigned, loaded)
+        quantized = {n: c for n, _, c in assigned}
+    else:
+        t = config.type
+        linears = quantizable_linears(model, config.skip) if t is not QuantizationType.FP32 or config.act_bits else []
+        info = _apply_one(model, config, linears, loaded)
+        if config.act_bits:
+            from trace_lib.quant.activations import add_activation_fake_quant
 
-        info = apply_cast(model, config)
-    elif t is QuantizationType.INT8_DYNAMIC:
-        from trace_lib.quant.torchao_backend import apply_dynamic_int8
-
-        info = apply_dynamic_int8(model, config, linears)
-    elif t in (QuantizationType.INT8_DYNAMIC_PER_TOKEN, QuantizationType.INT8_WEIGHT, QuantizationType.INT_RTN):
-        from trace_lib.quant.torchao_backend import apply_torchao
-
-        info = apply_torchao(model, config, linears)
-    elif t in GGUF_TYPES:
-        from trace_lib.quant.gguf_backend import apply_gguf
-
-        info = apply_gguf(model, config, linears)
-    elif t in (QuantizationType.INT4_GPTQ, QuantizationType.INT4_AWQ):
-        from trace_lib.quant.calibrated import apply_calibrated
-
-        info = apply_calibrated(model, config, linears, loaded)
-    else:  # pragma: no cover - every enum member is handled above
-        raise QuantizationError(f"no backend for {t.value}")
-    if config.act_bits:
-        from trace_lib.quant.activations import add_activation_fake_quant
-
-        info.update(add_activation_fake_quant(linears, config.act_bits))
+            info.update(add_activation_fake_quant(linears, config.act_bits))
+        quantized = {n for n, _ in linears}
     info["seconds_to_build"] = round(time.perf_counter() - start, 3)
-    info.update(storage_report(loaded.model, config, {n for n, _ in linears}))
+    info.update(storage_report(loaded.model, config, quantized))
     return Loaded(model=model, tokenizer=loaded.tokenizer, arch=adapt(model),
                   content_hash=stable_hash({"ref": loaded.content_hash, "config": config.to_dict()}),
                   name=f"{loaded.name} [{config.name}]", spec=f"{loaded.spec}@{config.name}", source=loaded.source,
                   quant=config, quant_info=info)
+
+
+def _apply_one(model: nn.Module, config: QuantizationConfig, linears: list[tuple[str, nn.Linear]],
+               loaded: Loaded) -> dict:
+    """Quantize ``linears`` of ``model`` in place with the one backend that implements ``config``'s type."""
+    t = config.type
+    if t in CASTS:
+        from trace_lib.quant.casts import apply_cast
+
+        return apply_cast(model, config)
+    if t is QuantizationType.INT8_DYNAMIC:
+        from trace_lib.quant.torchao_backend import apply_dynamic_int8
+
+        return apply_dynamic_int8(model, config, linears)
+    if t in (QuantizationType.INT8_DYNAMIC_PER_TOKEN, QuantizationType.INT8_WEIGHT, QuantizationType.INT_RTN):
+        from trace_lib.quant.torchao_backend import apply_torchao
+
+        return apply_torchao(model, config, linears)
+    if t in GGUF_TYPES:
+        from trace_lib.quant.gguf_backend import apply_gguf
+
+        return apply_gguf(model, config, linears)
+    if t in (QuantizationType.INT4_GPTQ, QuantizationType.INT4_AWQ):
+        from trace_lib.quant.calibrated import apply_calibrated
+
+        return apply_calibrated(model, config, linears, loaded)
+    raise QuantizationError(f"no backend for {t.value}")  # pragma: no cover - every enum member is handled above
+
+
+def _apply_mixed(model: nn.Module, assigned: list[tuple[str, nn.Linear, QuantizationConfig]], loaded: Loaded) -> dict:
+    """Quantize each group of Linears with its own config: the base group first (GPTQ/AWQ calibrate on the
+    reference's other layers), then the overrides by name. fp32/fp16/bf16 overrides round the weights only."""
+    from trace_lib.quant.casts import round_weights
+
+    groups: dict[QuantizationConfig, list[tuple[str, nn.Linear]]] = {}
+    for name, m, cfg in assigned:
+        groups.setdefault(cfg, []).append((name, m))
+    base = assigned[0][2].base
+    libraries: list[str] = []
+    paths: list[str] = []
+    for cfg in sorted(groups, key=lambda c: (c != base, c.name)):
+        linears = groups[cfg]
+        part = round_weights(linears, cfg) if cfg.type in CASTS else _apply_one(model, cfg, linears, loaded)
+        libraries.append(part["library"])
+        paths.append(f"{cfg.name} on {len(linears)} Linear(s): {part['path']}")
+    return {"library": "; ".join(dict.fromkeys(libraries)), "path": "; ".join(paths),
+            "layers_by_config": {c.name: len(groups[c]) for c in sorted(groups, key=lambda c: c.name)}}
 
 
 def _weight_bits(config: QuantizationConfig, in_features: int) -> float:
@@ -86,19 +128,28 @@ def _weight_bits(config: QuantizationConfig, in_features: int) -> float:
     return float(config.weight_bits)
 
 
-def storage_report(reference: nn.Module, config: QuantizationConfig, quantized: set[str]) -> dict:
+def storage_report(reference: nn.Module, config: QuantizationConfig,
+                   quantized: set[str] | Mapping[str, QuantizationConfig]) -> dict:
     """Bits per weight and model size the variant's format implies (shared/tied parameters counted once).
 
-    Parameters of quantized Linears count at :func:`_weight_bits`; everything else at the variant's float
-    width (the reference dtype, or 16 bits for the fp16/bf16 casts).
+    ``quantized`` names the Linears the config quantizes, or maps each to its own config (a mixed-precision
+    config). Their weights count at :func:`_weight_bits`, an fp32/fp16/bf16 override's at that width (never more
+    than the reference's); everything else at the variant's float width (the reference dtype, or 16 bits for the
+    fp16/bf16 casts). ``quantized_bits_per_weight`` is the average over those Linears' weights. An output layer
+    tied to the embedding but quantized apart from it is stored twice: the float embedding and the quantized copy.
     """
-    float_bits = 16 if config.type in (QuantizationType.FP16, QuantizationType.BF16) else None
-    quantized_weights = {id(m.weight): m.in_features for n, m in reference.named_modules()
-                         if n in quantized and isinstance(m, nn.Linear)}
-    # GPT-2 Conv1D layers are quantized as Linear: their weight [in, out] has in_features = shape[0].
+    from trace_lib.quant.casts import keeps_weight
+
+    per_module = dict(quantized) if isinstance(quantized, Mapping) else dict.fromkeys(quantized, config)
+    mixed = bool(config.overrides)
+    float_bits = 16 if not mixed and config.type in (QuantizationType.FP16, QuantizationType.BF16) else None
+    weights: dict[int, tuple[int, QuantizationConfig]] = {}
     for n, m in reference.named_modules():
-        if n in quantized and not isinstance(m, nn.Linear) and hasattr(m, "weight"):
-            quantized_weights[id(m.weight)] = m.weight.shape[0]
+        if n in per_module and hasattr(m, "weight"):
+            # GPT-2 Conv1D layers are quantized as Linear: their weight [in, out] has in_features = shape[0].
+            in_features = m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
+            weights[id(m.weight)] = (in_features, per_module[n])
+    embeddings = {id(m.weight) for m in reference.modules() if isinstance(m, nn.Embedding)}
     total_bits = 0.0
     total_params = 0
     q_params = 0
@@ -106,16 +157,21 @@ def storage_report(reference: nn.Module, config: QuantizationConfig, quantized: 
     for p in reference.parameters():  # parameters() yields tied tensors once
         n = p.numel()
         total_params += n
-        if id(p) in quantized_weights and config.type not in (QuantizationType.FP32, QuantizationType.FP16,
-                                                               QuantizationType.BF16):
-            b = n * _weight_bits(config, quantized_weights[id(p)])
-            q_params += n
-            q_bits += b
-        elif p.dtype.is_floating_point:
-            b = n * (float_bits or torch.finfo(p.dtype).bits)
+        own = n * (float_bits or torch.finfo(p.dtype).bits) if p.dtype.is_floating_point else n * p.element_size() * 8
+        entry = weights.get(id(p))
+        if entry is None or (entry[1].type in CASTS and not mixed):  # a whole-model cast quantizes no Linear
+            total_bits += own
+            continue
+        in_features, cfg = entry
+        cast = cfg.type in CASTS
+        b = min(float(cfg.weight_bits), own / n) if cast else _weight_bits(cfg, in_features)
+        q_params += n
+        q_bits += n * b
+        if id(p) in embeddings and not (cast and keeps_weight(p, cfg)):
+            total_bits += own + n * b
+            total_params += n
         else:
-            b = n * p.element_size() * 8
-        total_bits += b
+            total_bits += n * b
     return {"bits_per_weight": round(total_bits / total_params, 4),
             "quantized_bits_per_weight": round(q_bits / q_params, 4) if q_params else None,
             "quantized_params": q_params, "total_params": total_params,

@@ -28,14 +28,26 @@ name                       what it is
 Aliases: ``w{B}a{A}`` means ``int{B}-rtn-g32-a{A}`` (e.g. ``w4a8``), ``int4-rtn`` means ``int4-rtn-g32``,
 ``q4_0`` means ``gguf-q4_0``. A ``-kernel`` suffix on a weight-only type runs torchao's quantized tensor
 kernels instead of the (numerically equivalent, faster on CPU) de-quantized weights.
+
+Mixed precision: a weight-only base with per-module ``overrides`` (a module name or dotted prefix, e.g.
+``model.layers.12.mlp.down_proj`` or ``model.layers.13``, mapped to a weight-only type or fp32/fp16/bf16).
+Its name is the base's plus ``+mx`` and 8 hex digits of the overrides' hash; it is given as a JSON file
+(``--variant FILE.json``): ``{"base": "gguf-q4_0", "overrides": {"model.layers.12.mlp.down_proj": "gguf-q8_0",
+"model.layers.13": "fp16"}}`` is ``gguf-q4_0+mxb509f61b``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
+from typing import Any
 
+from trace_lib.cache import atomic_write_text, stable_hash
 from trace_lib.errors import QuantizationError
 
 
@@ -67,11 +79,24 @@ WEIGHT_ONLY = {QuantizationType.INT8_WEIGHT, QuantizationType.INT_RTN, *GGUF_TYP
                QuantizationType.INT4_GPTQ, QuantizationType.INT4_AWQ}
 ACT_BITS = (8, 6, 4)
 DEFAULT_GROUP = {QuantizationType.INT_RTN: 32, QuantizationType.INT4_GPTQ: 128, QuantizationType.INT4_AWQ: 128}
+CASTS = (QuantizationType.FP32, QuantizationType.FP16, QuantizationType.BF16)
+ACTIVATION_TYPES = (QuantizationType.INT8_DYNAMIC, QuantizationType.INT8_DYNAMIC_PER_TOKEN)
+CALIBRATED = (QuantizationType.INT4_GPTQ, QuantizationType.INT4_AWQ)
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_MIXED_NAME = re.compile(r".*\+mx[0-9a-f]{8}")
+JSON_KEYS = ("base", "overrides", "name", "calibration")
 
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """What to do to a model. ``skip`` names Linear modules (by suffix) left in full precision."""
+    """What to do to a model. ``skip`` names Linear modules (by suffix) left in full precision.
+
+    ``overrides`` makes a mixed-precision config: ``(pattern, config name)`` pairs, sorted by pattern. A pattern
+    is a module name, matching that module and everything under it (``model.layers.13`` matches
+    ``model.layers.13.mlp.down_proj`` but not ``model.layers.130``); the Linear layers it matches get the named
+    type (a weight-only type, or fp32/fp16/bf16: the weights kept at that precision) instead of the base's, even
+    layers ``skip`` names. Where patterns nest, the longest wins. The base must be weight-only.
+    """
 
     type: QuantizationType
     bits: int | None = None
@@ -80,11 +105,13 @@ class QuantizationConfig:
     act_bits: int | None = None
     kernel: bool = False
     calibration: dict = field(default_factory=dict, compare=False, hash=False)
+    overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         t = QuantizationType(self.type)
         object.__setattr__(self, "type", t)
         object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "overrides", _normalize_overrides(self.overrides))
         if t is QuantizationType.INT_RTN:
             bits = 4 if self.bits is None else self.bits
             if not 2 <= bits <= 8:
@@ -110,6 +137,16 @@ class QuantizationConfig:
         if self.kernel and t not in (QuantizationType.INT8_WEIGHT, QuantizationType.INT_RTN):
             raise QuantizationError("the -kernel suffix (kernel=True) applies only to torchao weight-only types "
                                     "(int8-weight, int*-rtn)")
+        if self.overrides:
+            self._check_mixed_base()
+
+    def _check_mixed_base(self) -> None:
+        name = self.base.name
+        if self.type in CASTS and not self.act_bits:
+            raise QuantizationError(f"{name} quantizes no weights; there are no modules to keep at higher precision")
+        if self.act_bits or self.type in ACTIVATION_TYPES:
+            raise QuantizationError(f"{name} quantizes activations; per-module overrides need a weight-only base "
+                                    "config (e.g. gguf-q4_0, int4-rtn-g32)")
 
     @staticmethod
     def _natural_bits(t: QuantizationType) -> int:
@@ -130,8 +167,18 @@ class QuantizationConfig:
         return self.type in WEIGHT_ONLY
 
     @property
+    def base(self) -> QuantizationConfig:
+        """This config without its per-module overrides (itself when it has none)."""
+        return replace(self, overrides=()) if self.overrides else self
+
+    @property
+    def override_configs(self) -> dict[str, QuantizationConfig]:
+        """Each override pattern's config."""
+        return {p: parse_config(v) for p, v in self.overrides}
+
+    @property
     def name(self) -> str:
-        """Stable short name, e.g. ``int4-rtn-g32``, ``gguf-q4_0``, ``int4-rtn-g32-a8``."""
+        """Stable short name, e.g. ``int4-rtn-g32``, ``gguf-q4_0``, ``int4-rtn-g32-a8``, ``gguf-q4_0+mxb509f61b``."""
         t = self.type
         if t is QuantizationType.INT_RTN:
             base = f"int{self.bits}-rtn-" + (f"g{self.group_size}" if self.group_size else "pc")
@@ -149,6 +196,8 @@ class QuantizationConfig:
             base += "-skip" + ("none" if not self.skip else "+".join(self.skip))
         if self.act_bits:
             base = f"a{self.act_bits}" if base == "fp32" else f"{base}-a{self.act_bits}"
+        if self.overrides:
+            base += "+mx" + stable_hash([list(o) for o in self.overrides], 8)
         return base
 
     def with_(self, **changes) -> QuantizationConfig:
@@ -159,13 +208,45 @@ class QuantizationConfig:
              "skip": list(self.skip), "act_bits": self.act_bits, "kernel": self.kernel}
         if self.calibration:  # GPTQ/AWQ settings change the weights, so they belong in cache keys
             d["calibration"] = dict(self.calibration)
+        if self.overrides:  # only when present, so a plain config's dict (and every cache key) is unchanged
+            d["overrides"] = [list(o) for o in self.overrides]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantizationConfig:
         return cls(QuantizationType(d["type"]), bits=d.get("bits"), group_size=d.get("group_size"),
                    skip=tuple(d.get("skip", ("lm_head",))), act_bits=d.get("act_bits"), kernel=d.get("kernel", False),
-                   calibration=dict(d.get("calibration") or {}))
+                   calibration=dict(d.get("calibration") or {}), overrides=d.get("overrides") or ())
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The JSON form ``{"base": ..., "overrides": {pattern: config name}, "name": ...}``; also written to
+        ``path`` if given. ``from_json`` and ``--variant FILE.json`` read it back."""
+        d: dict[str, Any] = {"base": self.base.name, "overrides": dict(self.overrides), "name": self.name}
+        if self.calibration:
+            d["calibration"] = dict(self.calibration)
+        text = json.dumps(d, indent=2) + "\n"
+        if path is not None:
+            atomic_write_text(Path(path).expanduser(), text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike | Mapping) -> QuantizationConfig:
+        """A config from its JSON form: a ``.json`` file's path or the parsed object (see :meth:`to_json`).
+        ``name`` is optional; when given it must be the name the base and overrides make."""
+        if not isinstance(source, str | os.PathLike):  # the parsed object
+            return _from_json_object(source, "the config")
+        p = Path(source).expanduser()
+        if p.is_dir():
+            raise QuantizationError(f"{p} is a folder, not a JSON config file")
+        if not p.is_file():
+            raise QuantizationError(f"no config file at {source}")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise QuantizationError(f"{p} is not UTF-8 text; a config file is JSON") from None
+        except json.JSONDecodeError as e:
+            raise QuantizationError(f"{p} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        return _from_json_object(data, str(source))
 
     def __str__(self) -> str:
         return self.name
@@ -184,12 +265,79 @@ def valid_names() -> list[str]:
     return list(_EXAMPLES)
 
 
-def parse_config(name: str | QuantizationConfig) -> QuantizationConfig:
-    """Parse a short name (see module docstring) into a config; the inverse of ``config.name``."""
+def _normalize_overrides(raw: Iterable | Mapping) -> tuple[tuple[str, str], ...]:
+    """Overrides as sorted ``(pattern, canonical config name)`` pairs; each pattern a module name, each value a
+    weight-only type or a cast."""
+    pairs = list(raw.items()) if isinstance(raw, Mapping) else [tuple(o) for o in raw]
+    out: dict[str, str] = {}
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise QuantizationError(f"an override is a (module name, config name) pair of strings, not {pair!r}")
+        pattern, value = pair[0].strip(), pair[1].strip()
+        if not _MODULE_NAME.fullmatch(pattern):
+            raise QuantizationError(f"override {pair[0]!r} is not a module name (dotted, e.g. "
+                                    "model.layers.12.mlp.down_proj or model.layers.12)")
+        if value.lower().endswith(".json") or _MIXED_NAME.fullmatch(value.lower()):
+            raise QuantizationError(f"override {pattern!r}: {value!r} is a mixed-precision config; an override names "
+                                    "one type (e.g. gguf-q8_0, fp16)")
+        try:
+            cfg = parse_config(value)
+        except QuantizationError as e:
+            raise QuantizationError(f"override {pattern!r}: {e}") from None
+        if cfg.act_bits or cfg.type in ACTIVATION_TYPES:
+            raise QuantizationError(f"override {pattern!r}: {cfg.name} quantizes activations; an override takes a "
+                                    "weight-only type (gguf-q8_0, int8-weight, int4-rtn-g32, ...) or fp32/fp16/bf16")
+        if cfg.type in CALIBRATED:
+            raise QuantizationError(f"override {pattern!r}: {cfg.name} calibrates the whole model in one pass; use "
+                                    "GPTQ/AWQ as the base, and an RTN, GGUF or float type as the override")
+        if cfg.skip != ("lm_head",):
+            raise QuantizationError(f"override {pattern!r}: a -skip suffix has no meaning in an override")
+        if out.get(pattern, cfg.name) != cfg.name:
+            raise QuantizationError(f"override {pattern!r} is given twice, as {out[pattern]} and {cfg.name}")
+        out[pattern] = cfg.name
+    return tuple(sorted(out.items()))
+
+
+def _from_json_object(data: Any, where: str) -> QuantizationConfig:
+    if not isinstance(data, Mapping):
+        raise QuantizationError(f"{where} must be a JSON object with \"base\" and \"overrides\", not "
+                                f"{type(data).__name__}")
+    unknown = [k for k in data if k not in JSON_KEYS]
+    if unknown:
+        raise QuantizationError(f"{where}: unknown key {unknown[0]!r}; a config has base, overrides, and optionally "
+                                "name and calibration")
+    base = data.get("base")
+    if not isinstance(base, str) or not base.strip():
+        raise QuantizationError(f"{where} has no \"base\" config name (e.g. \"base\": \"gguf-q4_0\")")
+    overrides = data.get("overrides", {})
+    if not isinstance(overrides, Mapping):
+        raise QuantizationError(f"{where}: \"overrides\" must be an object of module name -> config name")
+    try:
+        if base.strip().lower().endswith(".json") or _MIXED_NAME.fullmatch(base.strip().lower()):
+            raise QuantizationError(f"base {base!r} must be one config name (e.g. gguf-q4_0)")
+        config = replace(parse_config(base), overrides=tuple(overrides.items()),
+                         calibration=dict(data.get("calibration") or {}))
+    except QuantizationError as e:
+        raise QuantizationError(f"{where}: {e}") from None
+    name = data.get("name")
+    if name is not None and name != config.name:
+        raise QuantizationError(f"{where} says its name is {name!r}, but its base and overrides make "
+                                f"{config.name!r}; fix or drop the name")
+    return config
+
+
+def parse_config(name: str | os.PathLike | QuantizationConfig) -> QuantizationConfig:
+    """Parse a short name (see module docstring) into a config; the inverse of ``config.name``. A path ending in
+    ``.json`` is read as a mixed-precision config (:meth:`QuantizationConfig.from_json`)."""
     if isinstance(name, QuantizationConfig):
         return name
+    if isinstance(name, os.PathLike) or str(name).strip().lower().endswith(".json"):
+        return QuantizationConfig.from_json(str(name).strip())
     s = name.strip().lower()
     orig = s
+    if _MIXED_NAME.fullmatch(s):
+        raise QuantizationError(f"{orig!r} names a mixed-precision config, which a name cannot rebuild; give its "
+                                "JSON file (QuantizationConfig.to_json)")
     act_bits = None
     alias = re.fullmatch(r"w(\d+)a(\d+)", s)
     if alias:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from trace_lib.errors import QuantizationError
+from trace_lib.quant.config import QuantizationConfig
 
 
 def convert_conv1d(model: nn.Module) -> int:
@@ -41,6 +42,42 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[s
     if not found:
         raise QuantizationError(f"no Linear layers left to quantize after skip={skip}")
     return found
+
+
+def matches(name: str, pattern: str) -> bool:
+    """An override pattern matches the module it names and every module under it (a dotted prefix)."""
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def assign_linears(model: nn.Module, config: QuantizationConfig
+                   ) -> list[tuple[str, nn.Linear, QuantizationConfig]]:
+    """Each Linear a (mixed-precision) config touches, with the config it gets.
+
+    A Linear that an override pattern matches gets that override's config (the longest matching pattern wins,
+    and a layer ``skip`` names can be overridden); every other Linear not in ``skip`` gets the base config. An
+    override pattern that matches no Linear of the model is a mistake (a typo, or a config written for another
+    model): the error names it and a few of the model's Linear names.
+    """
+    base = config.base
+    chosen = config.override_configs
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    out: list[tuple[str, nn.Linear, QuantizationConfig]] = []
+    matched: set[str] = set()
+    for name, m in linears:
+        hits = [p for p in chosen if matches(name, p)]
+        matched.update(hits)
+        if hits:
+            out.append((name, m, chosen[max(hits, key=len)]))
+        elif not is_skipped(name, config.skip):
+            out.append((name, m, base))
+    missing = [p for p in chosen if p not in matched]
+    if missing:
+        examples = ", ".join(n for n, _ in linears[:3])
+        raise QuantizationError(f"override {missing[0]!r} names no Linear layer of this model; its Linear layers are "
+                                f"named like {examples} (a pattern is such a name or a dotted prefix of it)")
+    if not out:
+        raise QuantizationError(f"no Linear layers left to quantize after skip={config.skip}")
+    return out
 
 
 def check_group_size(linears: list[tuple[str, nn.Linear]], group: int | None, what: str) -> None:
