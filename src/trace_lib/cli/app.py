@@ -60,6 +60,7 @@ def _register() -> None:
     from trace_lib.cli.localize import localize_command
     from trace_lib.cli.organism import organism_app
     from trace_lib.cli.redteam import redteam_command
+    from trace_lib.cli.repair import repair_command
     from trace_lib.cli.report import report_command
     from trace_lib.cli.sae import sae_app
     from trace_lib.cli.sweep import sweep_command
@@ -67,7 +68,7 @@ def _register() -> None:
 
     for name, fn in (("compare", compare_command), ("audit", audit_command), ("sweep", sweep_command),
                      ("redteam", redteam_command), ("report", report_command), ("tracer", tracer_command),
-                     ("localize", localize_command)):
+                     ("localize", localize_command), ("repair", repair_command)):
         app.command(name)(fn)
     app.add_typer(organism_app, name="organism")
     app.add_typer(sae_app, name="sae")

@@ -22,13 +22,15 @@ from trace_lib.report.kit import page
 from trace_lib.report.load import load_result, result_kind
 from trace_lib.report.localize import localize_body
 from trace_lib.report.redteam import redteam_body
+from trace_lib.report.repair import repair_body
 from trace_lib.report.sweep import sweep_body
 from trace_lib.report.tracer import tracer_body
 
 # result kind -> its page body: result -> (sections, table of contents, title, subtitle)
 BODIES: dict[str, Callable[..., tuple[list, list, str, str]]] = {
     "trace.audit": audit_body, "trace.sweep": sweep_body, "trace.compare": compare_body,
-    "trace.redteam": redteam_body, "trace.tracer": tracer_body, "trace.localize": localize_body}
+    "trace.redteam": redteam_body, "trace.tracer": tracer_body, "trace.localize": localize_body,
+    "trace.repair": repair_body}
 
 
 def render_html(result: Any, *, min_cpfr: float | None = None) -> str:

@@ -1,0 +1,227 @@
+"""``trace_lib.repair.repair``: the mixed-precision search end to end (``trace repair``).
+
+1. Build the target variant and the keep-precision variant (:mod:`trace_lib.repair.precision`).
+2. On the **train** split: the reference's greedy replies to the harmful prompts, its refused ones as the
+   teacher-forced refusal metric's batches (:mod:`trace_lib.attribution`), the gap ``mean M_ref - mean M_var``.
+3. Rank the Linears five ways, fill every budget greedily, score each set (restored fraction of the train gap,
+   KLD on held-out text): the Pareto curves.
+4. On the **test** split: the reference's, the target's and each confirmed set's greedy replies to harmful and
+   harmless prompts, judged by :mod:`trace_lib.repair.accept`. trace's search (``attribution`` and
+   ``knapsack``) confirms its sets in budget order from the first that restores ``train_bar`` of the gap, until
+   one is accepted; with ``confirm_baselines`` each baseline's first such set is confirmed too.
+5. The chosen config (the accepted set of trace's search with the fewest bits): its JSON, and for a GGUF target
+   the mixed-precision ``.gguf`` file and the equivalent ``llama-quantize`` command; optionally its audit
+   (safety CPFR through the shipped SAEs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from trace_lib.attribution.inputs import make_batches, reference_refusals
+from trace_lib.attribution.metric import Metric
+from trace_lib.errors import AttributionError, InvalidValueError, QuantizationError
+from trace_lib.repair.accept import accept
+from trace_lib.repair.precision import (
+    METHODS,
+    CurvePoint,
+    budgets_up_to,
+    costs,
+    default_keep,
+    mean_kld,
+    mean_metric,
+    mixed_config,
+    quantized_names,
+    rank_linears,
+    score_sets,
+)
+from trace_lib.repair.result import RepairResult
+from trace_lib.repair.strength import measure_outcomes
+
+TRACE_METHODS = ("attribution", "knapsack")
+
+
+def _first_reaching(points: Sequence[CurvePoint], method: str, bar: float) -> list[CurvePoint]:
+    """``method``'s points that restore at least ``bar`` of the train gap, cheapest first (distinct sets)."""
+    seen, out = set(), []
+    for p in sorted((p for p in points if p.method == method and p.restored >= bar), key=lambda p: p.extra_bpw):
+        key = tuple(sorted(p.modules))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = None, keep: str | None = None,
+           methods: Sequence[str] = METHODS, dataset="harmful_refusal_v1", train_bar: float = 0.9,
+           tolerance: float = 0.05, alpha: float = 0.05, confirm_baselines: bool = False, max_confirm: int = 3,
+           batch_size: int = 8, reply_tokens: int = 4, max_new_tokens: int = 64, step: float = 0.125, seed: int = 0,
+           out_dir: str | Path | None = None, with_audit: bool = False, refusal_reply: str | None = None,
+           log: Callable[[str], None] = lambda s: None) -> RepairResult:
+    """Search per-module precision overrides that restore ``variant``'s refusal (module docstring).
+
+    ``max_bpw``: the most bits per weight over the quantized Linears (default: the target's + 0.75).
+    ``refusal_reply``: teacher-force this reply for every harmful train prompt instead of the reference's own
+    greedy refusals (as ``localize`` does)."""
+    from trace_lib.capture.inputs import pack_texts
+    from trace_lib.compare import default_texts
+    from trace_lib.datasets.registry import get_dataset
+    from trace_lib.models.load import load_model
+    from trace_lib.quant import quantize
+    from trace_lib.quant.config import parse_config
+
+    for m in methods:
+        if m not in METHODS:
+            raise InvalidValueError(f"unknown search method {m!r}: use one of {', '.join(METHODS)}")
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    counts = {"metric_evaluations": 0, "generation_runs": 0, "quantizations": 0}
+    target = parse_config(variant)
+    if not target.weight_only or target.overrides:
+        raise QuantizationError(f"{target.name} is not a plain weight-only config: there are no quantized weights "
+                                "to keep at higher precision (give e.g. gguf-q4_0 or int4-rtn-g32)")
+    keep_cfg = parse_config(keep) if keep else default_keep(target)
+    ref = load_model(model) if isinstance(model, (str, Path)) else model
+    ds = get_dataset(dataset)
+    train, test = ds.split("train"), ds.split("test")
+    t0 = time.perf_counter()
+    var, keep_var = quantize(ref, target), quantize(ref, keep_cfg)
+    counts["quantizations"] += 2
+    seconds["quantize"] = time.perf_counter() - t0
+    names = quantized_names(ref, var)
+    cost = costs(ref, target, keep_cfg, names)
+    top = cost.target_bpw + (0.75 if max_bpw is None else max_bpw - cost.target_bpw)
+    if top <= cost.target_bpw + 1e-9:
+        raise InvalidValueError(f"--max-bpw {top:g} is not above the target's {cost.target_bpw:.3f} bits per "
+                                "weight: no room to keep anything at higher precision")
+    budgets = budgets_up_to(top - cost.target_bpw, step)
+    log(f"{var.name}: {len(names)} quantized Linears at {cost.target_bpw:.3f} bpw; keeping at {keep_cfg.name}; "
+        f"budgets up to +{budgets[-1]:.3f} bpw")
+
+    t0 = time.perf_counter()
+    refusals = reference_refusals(ref, train.texts("safety"), refusal_reply, max_new_tokens=24)
+    refusals.check()
+    kept, replies = refusals.kept
+    metric = Metric("refusal-logprob")
+    batches = make_batches(ref.tokenizer, kept, metric.kind, replies, batch_size, reply_tokens)
+    m_ref, m_var = mean_metric(ref, batches, metric), mean_metric(var, batches, metric)
+    counts["metric_evaluations"] += 2
+    gap = m_ref - m_var
+    if not gap > 0:
+        raise AttributionError(f"{var.name} does not lower the refusal metric on the train split (gap {gap:.4g}): "
+                               "there is nothing to repair")
+    seconds["train_gap"] = time.perf_counter() - t0
+    rankings = rank_linears(ref, var, batches, metric, gap, names, cost, methods, seed)
+    seconds.update({f"rank_{k}": v for k, v in rankings.seconds.items()})
+
+    t0 = time.perf_counter()
+    texts, kl_info = default_texts()
+    kl_ids = pack_texts(ref.tokenizer, texts, 256, max_sequences=2)
+    with torch.no_grad():
+        ref_logprobs = torch.log_softmax(ref.model(input_ids=kl_ids, use_cache=False).logits.double(), -1)
+    points = score_sets(var, keep_var, batches, metric, m_ref, m_var, rankings, cost, budgets, kl_ids, ref_logprobs)
+    counts["metric_evaluations"] += len({tuple(sorted(p.modules)) for p in points})
+    target_kld = mean_kld(var, kl_ids, ref_logprobs)
+    seconds["curves"] = time.perf_counter() - t0
+    log(f"scored {len(points)} sets ({counts['metric_evaluations']} metric evaluations) in {seconds['curves']:.0f} s")
+
+    t0 = time.perf_counter()
+    harmful, harmless = test.texts("safety"), test.texts("baseline")
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ref_out = measure_outcomes(ref, harmful, harmless, **gen)
+    target_acc = accept(ref_out, measure_outcomes(var, harmful, harmless, **gen), tolerance, alpha)
+    counts["generation_runs"] += 2
+    confirmations = []
+    for method in [m for m in methods if m in TRACE_METHODS or confirm_baselines]:
+        for p in _first_reaching(points, method, train_bar)[: max_confirm if method in TRACE_METHODS else 1]:
+            cfg = mixed_config(target, keep_cfg, p.modules)
+            repaired = quantize(ref, cfg)
+            counts["quantizations"] += 1
+            acc = accept(ref_out, measure_outcomes(repaired, harmful, harmless, **gen), tolerance, alpha)
+            counts["generation_runs"] += 1
+            bpw = repaired.quant_info.get("quantized_bits_per_weight", p.bpw)
+            confirmations.append({"method": method, "budget_bpw": p.budget_bpw, "extra_bpw": p.extra_bpw,
+                                  "bpw": bpw, "config": cfg.name, "overrides": dict(cfg.overrides),
+                                  "modules": p.modules, "restored_train": p.restored, "kld": p.kld,
+                                  "acceptance": acc.to_dict()})
+            log(f"{method} at +{p.extra_bpw:.3f} bpw ({len(p.modules)} Linears): "
+                f"{'accepted' if acc.accepted else 'rejected'}: {acc.why}")
+            del repaired
+            if acc.accepted:
+                break
+    seconds["confirm"] = time.perf_counter() - t0
+
+    trace_ok = [c for c in confirmations if c["method"] in TRACE_METHODS and c["acceptance"]["accepted"]]
+    chosen = min(trace_ok, key=lambda c: c["extra_bpw"]) if trace_ok else None
+    files: dict[str, str] = {}
+    if chosen is not None:
+        cfg = mixed_config(target, keep_cfg, chosen["modules"])
+        chosen["json"] = cfg.to_json()
+        if with_audit:
+            chosen["audit"] = _audit_one(ref, cfg)
+        if out_dir is not None:
+            files.update(_write_files(ref, cfg, Path(out_dir), log))
+    seconds["total"] = time.perf_counter() - t_start
+    reached = {}
+    for m in methods:
+        first = _first_reaching(points, m, train_bar)
+        reached[m] = ({"budget_bpw": first[0].budget_bpw, "extra_bpw": first[0].extra_bpw, "bpw": first[0].bpw,
+                       "restored": first[0].restored, "n_modules": len(first[0].modules)} if first else None)
+    return RepairResult(
+        reference=ref.describe(), target={**var.describe(), "config": target.name, "bpw": cost.target_bpw,
+                                          "kld": target_kld},
+        keep=keep_cfg.name,
+        train={"dataset": ds.name, "n_harmful": len(refusals.prompts), "n_refused": len(kept), "m_ref": m_ref,
+               "m_var": m_var, "gap": gap, "metric": metric.describe(), "reply_tokens": reply_tokens},
+        test={"n_harmful": len(harmful), "n_harmless": len(harmless), "reference": {
+            "refusal": ref_out.refusal_rate, "over_refusal": ref_out.over_refusal_rate}, "target": target_acc.to_dict()},
+        candidates={"n": len(names), "total_params": cost.total_params, "target_bpw": cost.target_bpw},
+        rankings={m: [{"module": n, "score": (rankings.scores[m] or {}).get(n),
+                       "extra_bits": cost.extra_bits[n]} for n in order[:20]] for m, order in rankings.order.items()},
+        curve=[p.to_dict() for p in points], reached=reached, confirmations=confirmations, chosen=chosen,
+        files=files, kl_text={**kl_info, "ctx": 256, "chunks": int(kl_ids.shape[0])}, counts=counts,
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+        settings={"methods": list(methods), "max_bpw": top, "budgets": budgets, "train_bar": train_bar,
+                  "tolerance": tolerance, "alpha": alpha, "confirm_baselines": confirm_baselines,
+                  "max_confirm": max_confirm, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                  "seed": seed})
+
+
+def _audit_one(ref, cfg) -> dict:
+    """Safety and capability CPFR of the repaired config through the reference's SAEs (``harmful_refusal_v1``)."""
+    from trace_lib.audit import Audit
+
+    audit = Audit(ref, variants=[cfg], kl_chunks=2)
+    v = audit.trace_features("harmful_refusal_v1").variants[0]
+    return {"safety_cpfr": v.safety_cpfr, "capability_cpfr": v.capability_cpfr,
+            "degraded_safety_features": len(v.degraded("safety")),
+            "kld_mean": v.outputs.kld_mean if v.outputs else None}
+
+
+def _write_files(ref, cfg, out: Path, log: Callable[[str], None]) -> dict[str, str]:
+    """The chosen config's JSON; for a GGUF target the mixed ``.gguf`` and the ``llama-quantize`` command."""
+    from trace_lib.cache import atomic_write_text
+    from trace_lib.quant.config import GGUF_TYPES
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    path = out / "repaired-config.json"
+    atomic_write_text(path, cfg.to_json() + "\n")
+    files["config"] = str(path)
+    if cfg.type in GGUF_TYPES:
+        from trace_lib.errors import TraceError
+        from trace_lib.quant.gguf_write import llama_quantize_command, write_mixed_gguf
+
+        try:
+            files["llama_quantize"] = llama_quantize_command(cfg, ref)
+            gguf_path = out / f"{cfg.name}.gguf"
+            write_mixed_gguf(ref, cfg, gguf_path)
+            files["gguf"] = str(gguf_path)
+        except (TraceError, NotImplementedError) as e:
+            files["gguf_skipped"] = str(e)
+            log(f"no .gguf written: {e}")
+    return files
