@@ -399,3 +399,14 @@ def test_category_verdicts_count_each_category_and_render():
     assert [c.to_dict() for c in again.category_verdicts()] == v.to_dict()["categories"]
     page = str(categories_table([v]))
     assert 'id="categories-table"' in page and page.count("<tr") == 4  # header + three categories
+    # A category with probes but no selected feature still gets a verdict: from its probe's paired interval.
+    from trace_lib.probes.records import ProbeAudit, ProbeScore
+
+    score = ProbeScore(auroc=0.9, accuracy=0.8)
+    drop = ProbeAudit(category="harm_warning", hook="blocks.1.hook_resid_post", method="logistic",
+                      reference=score, variant=score, auroc_diff=-0.2, auroc_diff_low=-0.3, auroc_diff_high=-0.1)
+    v.probes = [drop]
+    extra = v.category_verdicts()[-1]
+    assert extra.category == "harm_warning" and extra.n_features == 0 and extra.verdict == "WARNING"
+    assert extra.line() == ("[WARNING] harm_warning: no SAE feature passed the fingerprint's thresholds; probe AUROC "
+                            "change -0.200 at blocks.1.hook_resid_post (significant drop)")

@@ -231,6 +231,7 @@ def test_python_docs_text_does_not_depend_on_what_was_imported_first():
     import sys
 
     import transformers  # noqa: F401  (the patching import, in this process)
+
     from trace_lib.datasets import corpus
 
     corpus._pool.cache_clear()

@@ -22,7 +22,6 @@ from trace_lib.errors import QuantizationError
 from trace_lib.validate import FRACTION, POSITIVE, Range, check_distinct
 
 
-
 def _target(ctx: typer.Context, param: Any, value: Any) -> Any:
     """A plain weight-only config name: the modules it quantizes are what the search keeps at higher precision."""
     check_variant_spec(value, _opt(param))
