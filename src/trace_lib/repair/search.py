@@ -138,6 +138,10 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     confirmations = []
     for method in [m for m in methods if m in TRACE_METHODS or confirm_baselines]:
         for p in _first_reaching(points, method, train_bar)[: max_confirm if method in TRACE_METHODS else 1]:
+            best = [c["extra_bpw"] for c in confirmations
+                    if c["method"] in TRACE_METHODS and c["acceptance"]["accepted"]]
+            if method in TRACE_METHODS and best and p.extra_bpw >= min(best):
+                break  # trace's search already has an accepted set at no more bits
             cfg = mixed_config(target, keep_cfg, p.modules)
             repaired = quantize(ref, cfg)
             counts["quantizations"] += 1
