@@ -28,7 +28,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from trace_lib.attribution.metric import Metric, MetricBatch, metric_values
-from trace_lib.attribution.weights import _block_of, differing_linears, first_order
+from trace_lib.attribution.weights import _block_of, differing_linears, first_order, unquantized
 from trace_lib.errors import InvalidValueError, QuantizationError
 from trace_lib.models.load import Loaded
 from trace_lib.quant.apply import _weight_bits
@@ -183,20 +182,10 @@ def greedy_fill(order: Sequence[str], cost: Costs, budget_bpw: float) -> list[st
 # ---- scoring a set -------------------------------------------------------------------------------------------
 
 
-@contextmanager
 def kept_at(variant: Loaded, keep_variant: Loaded, names: Sequence[str]):
-    """Inside the block, the variant's Linears ``names`` hold ``keep_variant``'s weights (the kept precision)."""
-    var_mods, keep_mods = dict(variant.model.named_modules()), dict(keep_variant.model.named_modules())
-    saved = []
-    try:
-        for n in names:
-            w = var_mods[n].weight
-            saved.append((w, w.data.clone()))
-            w.data.copy_(keep_mods[n].weight.data.to(w.dtype))
-        yield
-    finally:
-        for w, data in saved:
-            w.data.copy_(data)
+    """Inside the block, the variant's Linears ``names`` hold ``keep_variant``'s weights (the kept precision):
+    :func:`~trace_lib.attribution.weights.unquantized` with the keep variant as the source."""
+    return unquantized(keep_variant, variant, names)
 
 
 def mean_metric(loaded: Loaded, batches: Sequence[MetricBatch], metric: Metric) -> float:
