@@ -12,7 +12,8 @@ from trace_lib.attribution.inputs import make_batches
 from trace_lib.attribution.metric import Metric
 from trace_lib.quant import quantize
 from trace_lib.quant.config import parse_config
-from trace_lib.repair.accept import accept, mcnemar_greater
+from trace_lib.metrics.stats import mcnemar_greater
+from trace_lib.repair.accept import accept
 from trace_lib.repair.precision import (
     Costs,
     budgets_up_to,
@@ -98,6 +99,20 @@ def test_imatrix_equals_the_normed_embeddings_squared(tiny):
     mods, vmods = dict(model.named_modules()), dict(var.model.named_modules())
     dw = (vmods[name].weight.double() - mods[name].weight.double()) ** 2
     assert got == pytest.approx(float((dw * (sq / n)).sum().detach()), rel=1e-9)
+
+
+def test_mean_kld_equals_torch_kl_div(tiny):
+    """The curve's KLD: mean over tokens of KL(P_ref || P_variant), checked against torch's own kl_div."""
+    from trace_lib.repair.precision import mean_kld
+
+    ref, _, _, var, _, batches = tiny
+    ids = batches[0].input_ids[:, :40]
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(ref.model(input_ids=ids).logits.double(), -1)
+        var_lp = torch.log_softmax(var.model(input_ids=ids).logits.double(), -1)
+    want = torch.nn.functional.kl_div(var_lp, ref_lp, log_target=True, reduction="none").sum(-1).mean()
+    assert mean_kld(var, ids, ref_lp) == pytest.approx(float(want), rel=1e-9)
+    assert mean_kld(ref, ids, ref_lp) == 0.0
 
 
 def test_rankings(tiny):

@@ -16,6 +16,7 @@ from trace_lib.cli.common import (
     check_variant_spec,
     console,
     in_range,
+    one_of,
     write_html,
 )
 from trace_lib.errors import QuantizationError
@@ -53,7 +54,7 @@ def repair_command(
     model: SafetyModelOpt = "default-safety",
     method: Annotated[str, typer.Option(help="precision: per-module precision search (steering and weight edits "
                                         "are in the Python API, trace_lib.repair)",
-                                        callback=lambda ctx, p, v: _precision_only(p, v))] = "precision",
+                                        callback=one_of("precision"))] = "precision",
     max_bpw: Annotated[float | None, typer.Option(help="most bits per weight over the quantized Linears (default: "
                                                   "the target's + 0.75)", callback=in_range(POSITIVE))] = None,
     keep: Annotated[str | None, typer.Option(help="precision a kept Linear is stored at (default: gguf-q8_0 for "
@@ -83,10 +84,3 @@ def repair_command(
     out.print(result.summary(), highlight=False)
     out.print(f"wrote {result.save(Path(out_dir) / 'repair.json')}")
     write_html(result, html)
-
-
-def _precision_only(param: Any, value: Any) -> Any:
-    from trace_lib.validate import check_choice
-
-    check_choice(_opt(param), value, ("precision",))
-    return value

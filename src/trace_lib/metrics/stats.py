@@ -181,6 +181,17 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(binomtest(int(b), int(b + c), 0.5).pvalue)
 
 
+def mcnemar_greater(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that ``b`` exceeds ``c``: ``P(X >= b)``, ``X ~ Binomial(b + c, 1/2)``."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be non-negative, got b={b}, c={c}")
+    if b + c == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(b), int(b + c), 0.5, alternative="greater").pvalue)
+
+
 @lru_cache(maxsize=4096)
 def _min_b_significant(m: int, alpha: float) -> int | None:
     """Smallest ``b`` (with ``b > m/2``) whose two-sided exact McNemar p-value with ``c = m - b`` is <= alpha."""

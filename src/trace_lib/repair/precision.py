@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from trace_lib.attribution.metric import Metric, MetricBatch, metric_values
 from trace_lib.attribution.weights import _block_of, differing_linears, first_order, unquantized
 from trace_lib.errors import InvalidValueError, QuantizationError
+from trace_lib.metrics.divergence import kl_from_log_probs
 from trace_lib.models.load import Loaded
 from trace_lib.quant.apply import _weight_bits
 from trace_lib.quant.config import GGUF_TYPES, QuantizationConfig, QuantizationType, parse_config
@@ -75,9 +75,7 @@ def costs(reference: Loaded, target: QuantizationConfig, keep: QuantizationConfi
         m = mods[n]
         k = m.weight.numel()
         t_bits = _weight_bits(target, m.in_features)
-        keep_bits = float(keep.weight_bits) if keep.type in (QuantizationType.FP16, QuantizationType.BF16,
-                                                              QuantizationType.FP32) else _weight_bits(keep, m.in_features)
-        params[n], extra[n] = k, k * (keep_bits - t_bits)
+        params[n], extra[n] = k, k * (_weight_bits(keep, m.in_features) - t_bits)
         total_bits += k * t_bits
     total = sum(params.values())
     return Costs(params, extra, total_bits / total, total)
@@ -196,10 +194,11 @@ def mean_metric(loaded: Loaded, batches: Sequence[MetricBatch], metric: Metric) 
 
 
 def mean_kld(loaded: Loaded, ids: torch.Tensor, ref_logprobs: torch.Tensor) -> float:
-    """Mean per-token KL(P_ref || P_model) over the packed text ``ids`` (the reference's log-probs given)."""
+    """Mean per-token KL(P_ref || P_model) over the packed text ``ids`` (the reference's float64 log-probs given;
+    :func:`trace_lib.metrics.divergence.kl_from_log_probs`)."""
     with torch.no_grad():
         logp = torch.log_softmax(loaded.model(input_ids=ids, use_cache=False).logits.double(), -1)
-    return float((ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1).mean())
+    return float(kl_from_log_probs(ref_logprobs, logp).mean())
 
 
 @dataclass
@@ -249,9 +248,7 @@ def mixed_config(target: QuantizationConfig, keep: QuantizationConfig, modules: 
 
 def quantized_names(reference: Loaded, variant: Loaded) -> list[str]:
     """The Linears the target changes (the search's candidates)."""
-    names = differing_linears(reference, variant)
-    mods = dict(reference.model.named_modules())
-    return [n for n in names if isinstance(mods[n], nn.Linear)]
+    return differing_linears(reference, variant)
 
 
 def budgets_up_to(max_extra: float, step: float = 0.125) -> list[float]:

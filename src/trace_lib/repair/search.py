@@ -94,7 +94,7 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     seconds["quantize"] = time.perf_counter() - t0
     names = quantized_names(ref, var)
     cost = costs(ref, target, keep_cfg, names)
-    top = cost.target_bpw + (0.75 if max_bpw is None else max_bpw - cost.target_bpw)
+    top = cost.target_bpw + 0.75 if max_bpw is None else max_bpw
     if top <= cost.target_bpw + 1e-9:
         raise InvalidValueError(f"--max-bpw {top:g} is not above the target's {cost.target_bpw:.3f} bits per "
                                 "weight: no room to keep anything at higher precision")
