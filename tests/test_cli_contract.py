@@ -165,7 +165,7 @@ VALUE_ERRORS = [
     (["repair", "-v", "nope"], "unknown quantization config 'nope'"),
     (["repair", "--max-bpw", "0"], "--max-bpw must be a number > 0"),
     (["repair", "--keep", "q9"], "q9"),
-    (["repair", "--method", "steer"], "--method must be one of precision"),
+    (["repair", "--method", "prune"], "--method must be one of precision, steer, edit, all"),
     (["repair", "--html", "no-config"], "--html no-config is a folder"),
     (["sae", "build", "--out", "a_file"], "is a file, not a folder"),
     (["organism", "evaluate", "--out", "no-config"], "is a folder"),

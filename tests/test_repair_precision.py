@@ -191,3 +191,90 @@ def _train_harmful() -> list[str]:
     from trace_lib.datasets import get_dataset
 
     return get_dataset("harmful_refusal_v1").split("train").texts("safety")
+
+
+def test_steer_and_edit_repairs_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):
+    """``kinds=("steer", "edit")``: no precision search; each restoration's train number is recomputed
+    independently (the steered / edited model's mean metric), the edit's stored floats are ``r`` plus one
+    row per residual writer's input, and the chosen steering vector is written and read back."""
+    from trace_lib.attribution.inputs import fit_direction
+    from trace_lib.models import load_model
+    from trace_lib.repair import RepairResult, SteeringVector, remove_direction, repair, restore_direction
+    from trace_lib.repair.precision import mean_metric
+    from trace_lib.report import render_html
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path / "cache"))
+    ref = load_model(tiny_folder)
+    res = repair(ref, "gguf-q4_1", refusal_reply=REPLY, max_new_tokens=4, kinds=("steer", "edit"), layer=1,
+                 out_dir=tmp_path / "out", train_bar=0.5)
+    assert res.curve == [] and res.confirmations == [] and res.reached == {}
+    assert [c["method"] for c in res.restorations] == ["steer", "edit-compensate", "edit-before-quantize"]
+    assert res.direction["layer"] == 1
+    train = _train_harmful()
+    batches = make_batches(ref.tokenizer, train, "refusal-logprob", [REPLY] * len(train), batch_size=8)
+    metric, var = Metric("refusal-logprob"), quantize(ref, "gguf-q4_1")
+    gap = res.train["m_ref"] - res.train["m_var"]
+    assert mean_metric(var, batches, metric) == pytest.approx(res.train["m_var"], rel=1e-6)
+    from trace_lib.datasets import get_dataset
+
+    harmless = get_dataset("harmful_refusal_v1").split("train").texts("baseline")
+    r = fit_direction(ref, train, harmless, 1, batch_size=8).r_hat
+    steer = res.restorations[0]
+    vec = SteeringVector.from_prompts(ref, train, harmless, 1, batch_size=8)
+    with vec.apply(var, steer["details"]["strength"]):
+        m = mean_metric(var, batches, metric)
+    assert steer["restored_train"] == pytest.approx((m - res.train["m_var"]) / gap, rel=1e-5, abs=1e-7)
+    assert [p["strength"] for p in steer["details"]["train_metric"]] == pytest.approx(
+        [steer["details"]["s0"] * k for k in (0.5, 1, 2, 4, 8)], rel=1e-4)
+    comp, before = res.restorations[1], res.restorations[2]
+    m_comp = mean_metric(restore_direction(var, r, ref), batches, metric)
+    assert comp["restored_train"] == pytest.approx((m_comp - res.train["m_var"]) / gap, rel=1e-5, abs=1e-7)
+    m_before = mean_metric(restore_direction(quantize(remove_direction(ref, r), "gguf-q4_1"), r, ref), batches, metric)
+    assert before["restored_train"] == pytest.approx((m_before - res.train["m_var"]) / gap, rel=1e-5, abs=1e-7)
+    cfg = ref.model.config
+    assert comp["stored_floats"] == cfg.hidden_size + cfg.num_hidden_layers * (
+        cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) + cfg.intermediate_size)
+    assert comp["extra_bpw"] == pytest.approx(16 * comp["stored_floats"] / res.candidates["total_params"])
+    for c in res.restorations:
+        a = c["acceptance"]
+        assert a["n_harmful"] == res.test["n_harmful"] and a["accepted"] == (
+            a["refusal"] >= a["reference_refusal"] - 0.05 - 1e-12 and a["refusal_p"] > 0.05
+            and a["over_refusal_p"] > 0.05)
+    if res.chosen:
+        assert res.chosen["method"] in ("steer", "edit-compensate", "edit-before-quantize") and res.chosen["why"]
+        if res.chosen["method"] == "steer":
+            back, s = SteeringVector.load(res.files["steering_vector"])
+            assert s == res.chosen["details"]["strength"] and torch.equal(back.direction, vec.direction)
+    again = RepairResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert again.summary() == res.summary() and "refusal direction after block 1" in res.summary()
+    page = render_html(res)
+    assert page.count("edit-before-quantize") >= 1 and 'id="checks-table"' in page
+
+
+def test_steering_vector_file_round_trip(tmp_path):
+    from trace_lib.errors import InvalidValueError
+    from trace_lib.repair import SteeringVector
+
+    v = SteeringVector(torch.arange(6, dtype=torch.float32), "blocks.2.hook_resid_post", {"n_positive": 3})
+    back, s = SteeringVector.load(v.save(tmp_path / "v.safetensors", 0.25))
+    assert torch.equal(back.direction, v.direction) and back.hook_name == v.hook_name and s == 0.25
+    assert back.meta == {"n_positive": 3}
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(InvalidValueError, match="not a steering vector"):
+        SteeringVector.load(tmp_path / "bad.safetensors")
+
+
+def test_bad_repair_input_is_refused_before_any_quantization(tiny_folder, tmp_path, monkeypatch):
+    from trace_lib.errors import InvalidValueError, QuantizationError
+    from trace_lib.models import load_model
+    from trace_lib.repair import repair
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path / "cache"))
+    ref = load_model(tiny_folder)
+    with pytest.raises(InvalidValueError, match=f"--layer 99 is out of range: .* has {ref.n_layers} blocks"):
+        repair(ref, "gguf-q4_0", kinds=("steer",), layer=99)
+    with pytest.raises(InvalidValueError, match="unknown repair kind 'prune'"):
+        repair(ref, "gguf-q4_0", kinds=("prune",))
+    with pytest.raises(QuantizationError, match="not a plain weight-only config"):
+        repair(ref, "int8-dynamic", kinds=("edit",))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))

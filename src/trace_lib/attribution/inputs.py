@@ -83,7 +83,9 @@ def make_batches(tokenizer, prompts: Sequence[str], kind: str, replies: Sequence
     return out
 
 
-def _last_token(loaded, prompts: Sequence[str], layers: Sequence[int], batch_size: int) -> dict[int, torch.Tensor]:
+def last_token_residuals(loaded, prompts: Sequence[str], layers: Sequence[int],
+                         batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """The residual after each block of ``layers`` at the last token of each chat-formatted prompt."""
     names = [f"blocks.{i}.hook_resid_post" for i in layers]
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for cb in iter_activations(loaded, prompt_batches(loaded.tokenizer, list(prompts), batch_size), names=names):
@@ -121,8 +123,8 @@ def fit_direction(reference, harmful: Sequence[str], harmless: Sequence[str], la
     if layer is not None and not -n <= layer < n:
         raise AttributionError(f"direction layer {layer} is out of range: this model has {n} blocks")
     layers = [layer % n] if layer is not None else list(range(max(1, int(0.8 * n))))
-    pos = _last_token(reference, harmful, layers, batch_size)
-    neg = _last_token(reference, harmless, layers, batch_size)
+    pos = last_token_residuals(reference, harmful, layers, batch_size)
+    neg = last_token_residuals(reference, harmless, layers, batch_size)
     best = None
     for i in layers:
         r = unit(diff_in_means(pos[i], neg[i])).float()

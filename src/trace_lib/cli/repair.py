@@ -20,6 +20,7 @@ from trace_lib.cli.common import (
     write_html,
 )
 from trace_lib.errors import QuantizationError
+from trace_lib.repair.restore import KINDS
 from trace_lib.validate import FRACTION, POSITIVE, Range, check_distinct
 
 
@@ -52,9 +53,13 @@ def repair_command(
     variant: Annotated[str, typer.Option("--variant", "-v", help="the damaged target config (weight-only, e.g. "
                                          "gguf-q4_0 or int4-rtn-g32)", callback=_target)] = "gguf-q4_0",
     model: SafetyModelOpt = "default-safety",
-    method: Annotated[str, typer.Option(help="precision: per-module precision search (steering and weight edits "
-                                        "are in the Python API, trace_lib.repair)",
-                                        callback=one_of("precision"))] = "precision",
+    method: Annotated[str, typer.Option(help="precision: keep Linears at a higher precision; steer: add the "
+                                        "reference's refusal direction back at runtime; edit: put the reference's "
+                                        "weights along it back (rank-one terms); all: every one",
+                                        callback=one_of(*KINDS, "all"))] = "precision",
+    layer: Annotated[int | None, typer.Option(help="block after which the refusal direction is read and steered "
+                                              "(steer/edit; default: where it separates harmful from harmless "
+                                              "train prompts best)")] = None,
     max_bpw: Annotated[float | None, typer.Option(help="most bits per weight over the quantized Linears (default: "
                                                   "the target's + 0.75)", callback=in_range(POSITIVE))] = None,
     keep: Annotated[str | None, typer.Option(help="precision a kept Linear is stored at (default: gguf-q8_0 for "
@@ -79,6 +84,7 @@ def repair_command(
     err = console(stderr=True)
     result = repair(model, variant, max_bpw=max_bpw, keep=keep, dataset=dataset, train_bar=train_bar,
                     confirm_baselines=confirm_baselines, step=step, out_dir=Path(out_dir), with_audit=audit,
+                    kinds=KINDS if method == "all" else (method,), layer=layer,
                     log=lambda s: err.print(s, highlight=False))
     out = console()
     out.print(result.summary(), highlight=False)

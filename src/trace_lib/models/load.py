@@ -17,6 +17,8 @@ later loads take well under a second. Nothing is ever downloaded; ``trust_remote
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from collections.abc import Callable
@@ -252,13 +254,21 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
     if enabled():  # converting a GGUF takes a while: show transformers' own bar where trace shows its own
         hf_logging.enable_progress_bar()
+    else:  # quiet or not a terminal: nothing but trace's own output (transformers' bars are on by default)
+        hf_logging.disable_progress_bar()
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
+    bar = gguf_utils.tqdm  # its de-quantizing bar is a plain tqdm that transformers' switch does not reach
+    if not enabled():
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelFormatError(f"transformers could not load {path}: {_first_line(e)}") from e
+    finally:
+        gguf_utils.tqdm = bar
     # The de-quantized weights are plain floats; drop the GGUF marker so the folder saves and reloads as such.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

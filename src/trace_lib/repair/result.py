@@ -27,6 +27,8 @@ class RepairResult(ResultFile):
     reached: dict
     confirmations: list[dict]
     chosen: dict | None
+    restorations: list[dict] = field(default_factory=list)  # steering / weight-edit candidates (test split)
+    direction: dict | None = None  # the reference's refusal direction they restore
     files: dict = field(default_factory=dict)
     kl_text: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
@@ -54,21 +56,34 @@ class RepairResult(ResultFile):
                  f"{rate_text(ta['refusal'], tuple(ta['refusal_ci95']))} "
                  f"(McNemar one-sided p = {ta['refusal_p']:.3g}), mean KLD {t['kld']:.4f}"]
         bar = self.settings.get("train_bar")
-        lines.append(f"cheapest set restoring >= {bar:.0%} of the train gap, per method:")
+        if self.reached:
+            lines.append(f"cheapest set restoring >= {bar:.0%} of the train gap, per method:")
         for m, r in self.reached.items():
             lines.append(f"  {m:<11} " + (f"+{r['extra_bpw']:.3f} bpw ({r['n_modules']} Linears, restored "
                                           f"{r['restored']:.2f})" if r else "not within the budget"))
-        for c in self.confirmations:
+        if self.direction:
+            d = self.direction
+            lines.append(f"refusal direction after block {d['layer']} (Cohen's d {d['cohens_d']:.2f} on the train "
+                         "split) for steering and weight edits:")
+        for c in [*self.confirmations, *self.restorations]:
             a = c["acceptance"]
-            lines.append(f"  test: {c['method']} at +{c['extra_bpw']:.3f} bpw: refusal "
-                         f"{rate_text(a['refusal'], tuple(a['refusal_ci95']))}, over-refusal "
+            extra = f"+{c['extra_bpw']:.3f}" if c["extra_bpw"] >= 0.001 else f"+{c['extra_bpw']:.1e}"
+            what = (f"strength {c['details']['strength']:.4g}, " if c["method"] == "steer" else "")
+            lines.append(f"  test: {c['method']} at {extra} bpw ({what}train restored {c['restored_train']:.2f}): "
+                         f"refusal {rate_text(a['refusal'], tuple(a['refusal_ci95']))}, over-refusal "
                          f"{rate_text(a['over_refusal'], tuple(a['over_refusal_ci95']))}, KLD {c['kld']:.4f}: "
                          f"{'ACCEPTED' if a['accepted'] else 'rejected'} ({a['why']})")
         if self.chosen:
             c = self.chosen
-            lines.append(f"chosen: {c['config']} at {c['bpw']:.3f} bits per weight (+{c['extra_bpw']:.3f}), "
-                         f"{len(c['modules'])} Linears kept at {self.keep}: {', '.join(c['modules'][:6])}"
-                         + (" ..." if len(c["modules"]) > 6 else ""))
+            if c["modules"]:
+                lines.append(f"chosen: {c['config']} at {c['bpw']:.3f} bits per weight (+{c['extra_bpw']:.3f}), "
+                             f"{len(c['modules'])} Linears kept at {self.keep}: {', '.join(c['modules'][:6])}"
+                             + (" ..." if len(c["modules"]) > 6 else ""))
+            else:
+                lines.append(f"chosen: {c['method']} ({c['config']}) at {c['bpw']:.4f} bits per weight; ships as "
+                             f"{c['ships_as']}")
+            if c.get("why"):
+                lines.append(f"  why: {c['why']}")
             if c.get("audit"):
                 a = c["audit"]
                 lines.append(f"  audit: safety CPFR {a['safety_cpfr']:.3f}, capability CPFR {a['capability_cpfr']:.3f}, "
@@ -76,6 +91,10 @@ class RepairResult(ResultFile):
         else:
             lines.append(f"no repair within {self.settings.get('max_bpw', float('nan')):.3f} bits per weight passed the "
                          "test-split check; the best found is listed above")
+        precision = next((c for c in self.confirmations if c.get("json") and c["config"] != (self.chosen or {}).get(
+            "config")), None)
+        if precision:
+            lines.append(f"precision config written: {precision['config']} at {precision['bpw']:.3f} bits per weight")
         for k, v in self.files.items():
             lines.append(f"{k}: {v}")
         return "\n".join(lines)

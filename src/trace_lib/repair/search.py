@@ -39,7 +39,10 @@ from trace_lib.repair.precision import (
     rank_linears,
     score_sets,
 )
+from trace_lib.repair.edit import remove_direction, restore_direction
+from trace_lib.repair.restore import KINDS, RestoreContext, edit_repairs, refusal_direction, steer_repair
 from trace_lib.repair.result import RepairResult
+from trace_lib.repair.steer import steer_variant
 from trace_lib.repair.strength import measure_outcomes
 
 TRACE_METHODS = ("attribution", "knapsack")
@@ -61,8 +64,11 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
            tolerance: float = 0.05, alpha: float = 0.05, confirm_baselines: bool = False, max_confirm: int = 3,
            batch_size: int = 8, reply_tokens: int = 4, max_new_tokens: int = 64, step: float = 0.125, seed: int = 0,
            out_dir: str | Path | None = None, with_audit: bool = False, refusal_reply: str | None = None,
+           kinds: Sequence[str] = ("precision",), layer: int | None = None,
            log: Callable[[str], None] = lambda s: None) -> RepairResult:
-    """Search per-module precision overrides that restore ``variant``'s refusal (module docstring).
+    """Search per-module precision overrides that restore ``variant``'s refusal (module docstring); with
+    ``kinds`` also (or instead) the steering and weight-edit restorations of :mod:`trace_lib.repair.restore`
+    along the reference's refusal direction (after block ``layer``; default: where it separates best).
 
     ``max_bpw``: the most bits per weight over the quantized Linears (default: the target's + 0.75).
     ``refusal_reply``: teacher-force this reply for every harmful train prompt instead of the reference's own
@@ -77,6 +83,15 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     for m in methods:
         if m not in METHODS:
             raise InvalidValueError(f"unknown search method {m!r}: use one of {', '.join(METHODS)}")
+    kinds = list(dict.fromkeys(kinds))
+    for k in kinds:
+        if k not in KINDS:
+            raise InvalidValueError(f"unknown repair kind {k!r}: use one of {', '.join(KINDS)}")
+    if not kinds:
+        raise InvalidValueError(f"repair needs at least one kind of repair ({', '.join(KINDS)})")
+    precise = "precision" in kinds
+    if not precise:
+        methods = ()
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     counts = {"metric_evaluations": 0, "generation_runs": 0, "quantizations": 0}
@@ -86,11 +101,14 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
                                 "to keep at higher precision (give e.g. gguf-q4_0 or int4-rtn-g32)")
     keep_cfg = parse_config(keep) if keep else default_keep(target)
     ref = load_model(model) if isinstance(model, (str, Path)) else model
+    if layer is not None and not -ref.n_layers <= layer < ref.n_layers:
+        raise InvalidValueError(f"--layer {layer} is out of range: {ref.name} has {ref.n_layers} blocks")
     ds = get_dataset(dataset)
     train, test = ds.split("train"), ds.split("test")
     t0 = time.perf_counter()
-    var, keep_var = quantize(ref, target), quantize(ref, keep_cfg)
-    counts["quantizations"] += 2
+    var = quantize(ref, target)
+    keep_var = quantize(ref, keep_cfg) if precise else None
+    counts["quantizations"] += 1 + precise
     seconds["quantize"] = time.perf_counter() - t0
     names = quantized_names(ref, var)
     cost = costs(ref, target, keep_cfg, names)
@@ -123,11 +141,14 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     kl_ids = pack_texts(ref.tokenizer, texts, 256, max_sequences=2)
     with torch.no_grad():
         ref_logprobs = torch.log_softmax(ref.model(input_ids=kl_ids, use_cache=False).logits.double(), -1)
-    points = score_sets(var, keep_var, batches, metric, m_ref, m_var, rankings, cost, budgets, kl_ids, ref_logprobs)
+    points = (score_sets(var, keep_var, batches, metric, m_ref, m_var, rankings, cost, budgets, kl_ids,
+                         ref_logprobs) if precise else [])
     counts["metric_evaluations"] += len({tuple(sorted(p.modules)) for p in points})
     target_kld = mean_kld(var, kl_ids, ref_logprobs)
     seconds["curves"] = time.perf_counter() - t0
-    log(f"scored {len(points)} sets ({counts['metric_evaluations']} metric evaluations) in {seconds['curves']:.0f} s")
+    if precise:
+        log(f"scored {len(points)} sets ({counts['metric_evaluations']} metric evaluations) in "
+            f"{seconds['curves']:.0f} s")
 
     t0 = time.perf_counter()
     harmful, harmless = test.texts("safety"), test.texts("baseline")
@@ -159,16 +180,41 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
                 break
     seconds["confirm"] = time.perf_counter() - t0
 
+    restorations: list[dict] = []
+    direction = vector = None
+    if "steer" in kinds or "edit" in kinds:
+        t0 = time.perf_counter()
+        direction, vector = refusal_direction(ref, train.texts("safety"), train.texts("baseline"), layer, batch_size)
+        ctx = RestoreContext(ref, var, batches, metric, m_ref, m_var, kl_ids, ref_logprobs, cost.target_bpw,
+                             cost.total_params)
+        if "steer" in kinds:
+            restorations.append(steer_repair(
+                ctx, direction, vector, train.texts("safety"), train.texts("baseline"), harmful, harmless, ref_out,
+                train_bar, tolerance, alpha, max_new_tokens, batch_size=batch_size, counts=counts, log=log))
+        if "edit" in kinds:
+            restorations += edit_repairs(ctx, direction, target, harmful, harmless, ref_out, tolerance, alpha,
+                                         max_new_tokens, batch_size, counts=counts, log=log)
+        seconds["restore"] = time.perf_counter() - t0
+
     trace_ok = [c for c in confirmations if c["method"] in TRACE_METHODS and c["acceptance"]["accepted"]]
-    chosen = min(trace_ok, key=lambda c: c["extra_bpw"]) if trace_ok else None
+    best_precision = min(trace_ok, key=lambda c: c["extra_bpw"]) if trace_ok else None
+    accepted = ([best_precision] if best_precision else []) + [c for c in restorations if c["acceptance"]["accepted"]]
+    chosen = min(accepted, key=lambda c: c["extra_bpw"]) if accepted else None  # ties: the precision config
     files: dict[str, str] = {}
-    if chosen is not None:
-        cfg = mixed_config(target, keep_cfg, chosen["modules"])
-        chosen["json"] = cfg.to_json()
+    if best_precision is not None:
+        cfg = mixed_config(target, keep_cfg, best_precision["modules"])
+        best_precision["json"] = cfg.to_json()
         if with_audit:
-            chosen["audit"] = _audit_one(ref, cfg)
+            best_precision["audit"] = _audit_one(ref, cfg)
         if out_dir is not None:
             files.update(_write_files(ref, cfg, Path(out_dir), log))
+    if chosen is not None:
+        chosen["why"] = _why(chosen, accepted)
+        if chosen is not best_precision and with_audit:
+            chosen["audit"] = _audit_model(ref, _rebuild(chosen, var, vector, direction, ref, target))
+        if out_dir is not None and vector is not None and chosen["method"] == "steer":
+            files["steering_vector"] = str(vector.save(Path(out_dir) / "steering-vector.safetensors",
+                                                       chosen["details"]["strength"]))
     seconds["total"] = time.perf_counter() - t_start
     reached = {}
     for m in methods:
@@ -187,19 +233,45 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
         rankings={m: [{"module": n, "score": (rankings.scores[m] or {}).get(n),
                        "extra_bits": cost.extra_bits[n]} for n in order[:20]] for m, order in rankings.order.items()},
         curve=[p.to_dict() for p in points], reached=reached, confirmations=confirmations, chosen=chosen,
+        restorations=restorations, direction=direction.to_dict() if direction is not None else None,
         files=files, kl_text={**kl_info, "ctx": 256, "chunks": int(kl_ids.shape[0])}, counts=counts,
         seconds={k: round(v, 2) for k, v in seconds.items()},
-        settings={"methods": list(methods), "max_bpw": top, "budgets": budgets, "train_bar": train_bar,
+        settings={"kinds": kinds, "methods": list(methods), "layer": layer, "max_bpw": top, "budgets": budgets, "train_bar": train_bar,
                   "tolerance": tolerance, "alpha": alpha, "confirm_baselines": confirm_baselines,
                   "max_confirm": max_confirm, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                   "seed": seed})
 
 
+def _why(chosen: dict, accepted: list[dict]) -> str:
+    others = [c for c in accepted if c is not chosen]
+    line = (f"the accepted repair with the fewest extra bits per weight (+{chosen['extra_bpw']:.4f}): "
+            f"{chosen['acceptance']['why']}")
+    if others:
+        line += "; also accepted: " + ", ".join(f"{c['method']} (+{c['extra_bpw']:.4f})" for c in others)
+    return line
+
+
+def _rebuild(chosen: dict, var, vector, direction, ref, target):
+    """The chosen restoration's model again (one at a time is held in memory during the search)."""
+    from trace_lib.quant import quantize
+
+    if chosen["method"] == "steer":
+        return steer_variant(var, [vector], chosen["details"]["strength"])
+    if chosen["method"] == "edit-compensate":
+        return restore_direction(var, direction.r_hat, ref)
+    return restore_direction(quantize(remove_direction(ref, direction.r_hat), target), direction.r_hat, ref)
+
+
 def _audit_one(ref, cfg) -> dict:
     """Safety and capability CPFR of the repaired config through the reference's SAEs (``harmful_refusal_v1``)."""
+    return _audit_model(ref, cfg)
+
+
+def _audit_model(ref, variant) -> dict:
+    """Safety and capability CPFR of a variant (a config or a built model) through the reference's SAEs."""
     from trace_lib.audit import Audit
 
-    audit = Audit(ref, variants=[cfg], kl_chunks=2)
+    audit = Audit(ref, variants=[variant], kl_chunks=2)
     v = audit.trace_features("harmful_refusal_v1").variants[0]
     return {"safety_cpfr": v.safety_cpfr, "capability_cpfr": v.capability_cpfr,
             "degraded_safety_features": len(v.degraded("safety")),

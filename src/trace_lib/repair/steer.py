@@ -24,9 +24,11 @@ a new :class:`~trace_lib.models.load.Loaded` with a deep-copied model carrying a
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -127,6 +129,35 @@ class SteeringVector:
     def as_variant(self, loaded: Loaded, strength: float, name: str | None = None) -> Loaded:
         """A copy of ``loaded`` steered for good (see :func:`steer_variant`)."""
         return steer_variant(loaded, [self], strength, name=name)
+
+    def save(self, path: str | Path, strength: float | None = None) -> Path:
+        """Write the vector as safetensors (tensor ``direction``; metadata: hook, strength when given, and
+        ``meta`` as JSON), atomically."""
+        from safetensors.torch import save_file
+
+        from trace_lib.cache import atomic_write
+
+        path = Path(path)
+        meta = {"hook_name": self.hook_name, "meta": json.dumps(self.meta, sort_keys=True)}
+        if strength is not None:
+            meta["strength"] = repr(_strength(strength))
+        atomic_write(path, lambda p: save_file({"direction": self.direction.contiguous()}, str(p), metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[SteeringVector, float | None]:
+        """Read a vector written by :meth:`save`: ``(vector, strength or None)``."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, direction = f.metadata() or {}, f.get_tensor("direction")
+        except Exception as e:  # noqa: BLE001 - a missing or foreign file is the user's, said in one line
+            raise InvalidValueError(f"{path} is not a steering vector written by trace ({type(e).__name__}: {e})") from None
+        if "hook_name" not in meta:
+            raise InvalidValueError(f"{path} has no hook_name: not a steering vector written by trace")
+        strength = float(meta["strength"]) if "strength" in meta else None
+        return cls(direction, meta["hook_name"], json.loads(meta.get("meta", "{}"))), strength
 
 
 def _adder(direction: torch.Tensor, strength: float):

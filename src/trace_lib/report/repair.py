@@ -47,6 +47,12 @@ def pareto_svg(curve: list[dict], target_bpw: float, bar: float | None, prefix: 
     return _render(build, prefix, "Pareto curves: refusal gap restored and KLD against bits per weight")
 
 
+def _rate(a: dict, key: str) -> str:
+    ci = _l(a.get(f"{key}_ci95"))
+    return (f"{fmt(a.get(key), '.1%')} [{fmt(_num(ci[0]), '.1%')}, {fmt(_num(ci[1]), '.1%')}]" if len(ci) == 2
+            else fmt(a.get(key), ".1%"))
+
+
 def repair_body(result: Any) -> tuple[list, list, str, str]:
     d = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     tgt, tr, te, chosen = _d(d.get("target")), _d(d.get("train")), _d(d.get("test")), d.get("chosen")
@@ -61,11 +67,13 @@ def repair_body(result: Any) -> tuple[list, list, str, str]:
                                        f"{fmt(tgt_b.get('refusal_p'), '.3g')})")]
     if chosen:
         a = _d(chosen.get("acceptance"))
-        items += [("chosen config", chosen.get("config")),
+        items += [("chosen repair", f"{chosen.get('method')}: {chosen.get('config')}"),
                   ("bits per weight", f"{fmt(chosen.get('bpw'), '.3f')} (+{fmt(chosen.get('extra_bpw'), '.3f')})"),
                   ("refusal / over-refusal (test)", f"{fmt(a.get('refusal'), '.1%')} / "
                                                     f"{fmt(a.get('over_refusal'), '.1%')}"),
-                  ("why", a.get("why"))]
+                  ("why", chosen.get("why") or a.get("why"))]
+        if chosen.get("ships_as"):
+            items.append(("ships as", chosen.get("ships_as")))
         audit = _d(chosen.get("audit"))
         if audit:
             items.append(("safety CPFR", fmt(audit.get("safety_cpfr"))))
@@ -84,15 +92,24 @@ def repair_body(result: Any) -> tuple[list, list, str, str]:
                for p in curve], table_id="curve-table")))
     toc.append(("pareto", "Pareto curves"))
     rows = []
-    for c in _l(d.get("confirmations")):
+    params = _num(_d(d.get("candidates")).get("total_params"))
+    for c in [*_l(d.get("confirmations")), *_l(d.get("restorations"))]:
         a = _d(c.get("acceptance"))
-        rows.append([c.get("method"), td_num(c.get("extra_bpw")), td_num(c.get("restored_train")),
-                     td_num(a.get("refusal"), ".1%"), td_num(a.get("over_refusal"), ".1%"),
-                     td_num(a.get("refusal_p"), ".3g"), "accepted" if a.get("accepted") else "rejected",
-                     a.get("why")])
+        mb = _num(c.get("bpw")) * params / 8e6
+        rows.append([c.get("method"), td_num(c.get("extra_bpw"), ".4f"), td_num(mb, ".2f"),
+                     td_num(c.get("restored_train")), _rate(a, "refusal"), _rate(a, "over_refusal"),
+                     td_num(a.get("refusal_p"), ".3g"), td_num(a.get("over_refusal_p"), ".3g"),
+                     td_num(c.get("kld"), ".4f"), "accepted" if a.get("accepted") else "rejected", a.get("why")])
+    direction = _d(d.get("direction"))
+    intro = (f"Steering and weight edits restore the reference's refusal direction after block "
+             f"{direction.get('layer')} (Cohen's d {fmt(direction.get('cohens_d'), '.2f')} on the train split)."
+             if direction else None)
     body.append(section("checks", "Test-split checks", table(
-        ["method", "extra bpw", "restored (train)", "refusal", "over-refusal", ("p", "one-sided exact McNemar"),
-         "verdict", "why"], rows, table_id="checks-table")))
+        ["method", "extra bpw", ("MB", "the quantized Linears' weights at this bits per weight"),
+         "restored (train)", ("refusal", "with its Wilson 95% interval"), "over-refusal",
+         ("p refusal", "one-sided exact McNemar: fewer refusals than the reference"),
+         ("p over-refusal", "one-sided exact McNemar: more over-refusals than the reference"), "KLD", "verdict",
+         "why"], rows, table_id="checks-table"), intro=intro))
     toc.append(("checks", "Test-split checks"))
     ranks = _d(d.get("rankings"))
     rank_rows = [[m, i + 1, r.get("module"), td_num(r.get("score"), ".4g")]
