@@ -1,6 +1,7 @@
 """`trace repair` end to end: its wall time, the forward passes and generation runs it spent, and what it chose.
 
 Usage: python benchmarks/repair.py [--model default-safety] [--variant gguf-q4_0] [--max-bpw X] [--confirm-baselines]
+                                  [--method precision|steer|edit|all|steer,edit]
 Runs the search once (caches warm or cold as they are: say which in the record) and prints one JSON line: total
 seconds (goal < 1200 on 2 cores) split by phase, the counts (metric evaluations, generation runs,
 quantizations), the cheapest budget at which each method restores the train bar, and the chosen config with its
@@ -23,12 +24,15 @@ def main() -> None:
     ap.add_argument("--confirm-baselines", action="store_true")
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--method", default="precision", help="precision, steer, edit, all, or a comma list")
     args = ap.parse_args()
     from trace_lib.repair import repair
+    from trace_lib.repair.restore import KINDS
 
     out = args.out or tempfile.mkdtemp(prefix="trace-repair-")
     r = repair(args.model, args.variant, max_bpw=args.max_bpw, confirm_baselines=args.confirm_baselines,
-               with_audit=not args.no_audit, out_dir=out, log=print)
+               with_audit=not args.no_audit, out_dir=out, log=print,
+               kinds=KINDS if args.method == "all" else tuple(args.method.split(",")))
     r.save(f"{out}/repair.json")
     c = r.chosen or {}
     emit({"benchmark": "repair", "model": args.model, "variant": args.variant, "seconds": r.seconds,
@@ -41,6 +45,11 @@ def main() -> None:
           "confirmations": [{k: x[k] for k in ("method", "extra_bpw", "restored_train")}
                             | {"accepted": x["acceptance"]["accepted"], "refusal": x["acceptance"]["refusal"]}
                             for x in r.confirmations],
+          "restorations": [{k: x[k] for k in ("method", "extra_bpw", "restored_train", "kld")}
+                           | {k: x["acceptance"][k] for k in ("accepted", "refusal", "over_refusal", "refusal_p",
+                                                               "over_refusal_p")}
+                           | ({"strength": x["details"]["strength"]} if x["method"] == "steer" else {})
+                           for x in r.restorations], "direction": r.direction,
           "files": r.files, "out": out, **machine()})
 
 
