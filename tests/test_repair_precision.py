@@ -278,3 +278,33 @@ def test_bad_repair_input_is_refused_before_any_quantization(tiny_folder, tmp_pa
     with pytest.raises(QuantizationError, match="not a plain weight-only config"):
         repair(ref, "int8-dynamic", kinds=("edit",))
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_the_safety_bar_rejects_a_behaviourally_accepted_candidate(tiny_folder, tmp_path, monkeypatch):
+    """With ``safety_bar``, every candidate the behaviour check accepts is audited; one below the bar is rejected
+    and says why (the audit is replaced by fixed numbers: the gate's logic, not the audit, is under test)."""
+    import trace_lib.repair.search as search
+    from trace_lib.models import load_model
+    from trace_lib.repair.search import safety_gate
+
+    cand = {"acceptance": {"accepted": True, "why": "refusal fine"}}
+    counts: dict = {}
+    safety_gate(cand, lambda: {"safety_cpfr": 0.5}, 0.6, counts)
+    assert not cand["acceptance"]["accepted"] and "safety CPFR 0.500 is below the bar 0.6" in cand["acceptance"]["why"]
+    ok = {"acceptance": {"accepted": True, "why": "refusal fine"}}
+    safety_gate(ok, lambda: {"safety_cpfr": 0.7}, 0.6, counts)
+    assert ok["acceptance"]["accepted"] and ok["acceptance"]["safety_cpfr_ok"] and counts["audits"] == 2
+    rejected = {"acceptance": {"accepted": False, "why": "refusal lost"}}
+    safety_gate(rejected, lambda: pytest.fail("a rejected candidate is not audited"), 0.6, counts)
+    untouched = {"acceptance": {"accepted": True, "why": "x"}}
+    safety_gate(untouched, lambda: pytest.fail("no bar, no audit"), None, counts)
+
+    monkeypatch.setenv("TRACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(search, "_audit_model", lambda ref, v: {"safety_cpfr": 0.0, "capability_cpfr": 0.0,
+                                                                "degraded_safety_features": 0, "kld_mean": 0.0})
+    res = search.repair(load_model(tiny_folder), "gguf-q4_1", refusal_reply=REPLY, max_new_tokens=4,
+                        kinds=("edit",), layer=1, safety_bar=0.5, train_bar=0.5)
+    assert res.chosen is None and res.settings["safety_bar"] == 0.5
+    for c in res.restorations:
+        assert not c["acceptance"]["accepted"]
+        assert ("safety_cpfr_ok" in c["acceptance"]) == ("audit" in c)

@@ -68,6 +68,9 @@ def repair_command(
     train_bar: Annotated[float, typer.Option(help="fraction of the train-split refusal gap a set must restore "
                                              "before it is checked on the test split, in (0, 1]",
                                              callback=in_range(FRACTION))] = 0.9,
+    safety_bar: Annotated[float | None, typer.Option(help="also require an accepted repair's safety CPFR (its audit "
+                                                     "through the reference's SAEs) to reach this, in (0, 1]",
+                                                     callback=in_range(FRACTION))] = None,
     confirm_baselines: Annotated[bool, typer.Option(help="also check each baseline's first set on the test split "
                                                     "(one generation run each)")] = False,
     audit: Annotated[bool, typer.Option(help="audit the chosen config (safety CPFR through the SAEs)")] = True,
@@ -84,7 +87,7 @@ def repair_command(
     err = console(stderr=True)
     result = repair(model, variant, max_bpw=max_bpw, keep=keep, dataset=dataset, train_bar=train_bar,
                     confirm_baselines=confirm_baselines, step=step, out_dir=Path(out_dir), with_audit=audit,
-                    kinds=KINDS if method == "all" else (method,), layer=layer,
+                    kinds=KINDS if method == "all" else (method,), layer=layer, safety_bar=safety_bar,
                     log=lambda s: err.print(s, highlight=False))
     out = console()
     out.print(result.summary(), highlight=False)

@@ -44,6 +44,7 @@ from trace_lib.repair.restore import KINDS, RestoreContext, edit_repairs, refusa
 from trace_lib.repair.result import RepairResult
 from trace_lib.repair.steer import steer_variant
 from trace_lib.repair.strength import measure_outcomes
+from trace_lib.validate import FRACTION
 
 TRACE_METHODS = ("attribution", "knapsack")
 
@@ -64,11 +65,12 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
            tolerance: float = 0.05, alpha: float = 0.05, confirm_baselines: bool = False, max_confirm: int = 3,
            batch_size: int = 8, reply_tokens: int = 4, max_new_tokens: int = 64, step: float = 0.125, seed: int = 0,
            out_dir: str | Path | None = None, with_audit: bool = False, refusal_reply: str | None = None,
-           kinds: Sequence[str] = ("precision",), layer: int | None = None,
+           kinds: Sequence[str] = ("precision",), layer: int | None = None, safety_bar: float | None = None,
            log: Callable[[str], None] = lambda s: None) -> RepairResult:
     """Search per-module precision overrides that restore ``variant``'s refusal (module docstring); with
     ``kinds`` also (or instead) the steering and weight-edit restorations of :mod:`trace_lib.repair.restore`
     along the reference's refusal direction (after block ``layer``; default: where it separates best).
+    ``safety_bar``: also require the safety CPFR of an accepted candidate's audit to reach it (:func:`safety_gate`).
 
     ``max_bpw``: the most bits per weight over the quantized Linears (default: the target's + 0.75).
     ``refusal_reply``: teacher-force this reply for every harmful train prompt instead of the reference's own
@@ -90,6 +92,8 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     if not kinds:
         raise InvalidValueError(f"repair needs at least one kind of repair ({', '.join(KINDS)})")
     precise = "precision" in kinds
+    if safety_bar is not None:
+        FRACTION.check("safety_bar", safety_bar)
     if not precise:
         methods = ()
     t_start = time.perf_counter()
@@ -169,14 +173,15 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
             acc = accept(ref_out, measure_outcomes(repaired, harmful, harmless, **gen), tolerance, alpha)
             counts["generation_runs"] += 1
             bpw = repaired.quant_info.get("quantized_bits_per_weight", p.bpw)
-            confirmations.append({"method": method, "budget_bpw": p.budget_bpw, "extra_bpw": p.extra_bpw,
-                                  "bpw": bpw, "config": cfg.name, "overrides": dict(cfg.overrides),
-                                  "modules": p.modules, "restored_train": p.restored, "kld": p.kld,
-                                  "acceptance": acc.to_dict()})
+            cand = {"method": method, "budget_bpw": p.budget_bpw, "extra_bpw": p.extra_bpw, "bpw": bpw,
+                    "config": cfg.name, "overrides": dict(cfg.overrides), "modules": p.modules,
+                    "restored_train": p.restored, "kld": p.kld, "acceptance": acc.to_dict()}
+            safety_gate(cand, lambda: _audit_model(ref, repaired), safety_bar, counts)
+            confirmations.append(cand)
             log(f"{method} at +{p.extra_bpw:.3f} bpw ({len(p.modules)} Linears): "
-                f"{'accepted' if acc.accepted else 'rejected'}: {acc.why}")
+                f"{'accepted' if cand['acceptance']['accepted'] else 'rejected'}: {cand['acceptance']['why']}")
             del repaired
-            if acc.accepted:
+            if cand["acceptance"]["accepted"]:
                 break
     seconds["confirm"] = time.perf_counter() - t0
 
@@ -194,6 +199,9 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
         if "edit" in kinds:
             restorations += edit_repairs(ctx, direction, target, harmful, harmless, ref_out, tolerance, alpha,
                                          max_new_tokens, batch_size, counts=counts, log=log)
+        for c in restorations:
+            safety_gate(c, lambda c=c: _audit_model(ref, _rebuild(c, var, vector, direction, ref, target)),
+                        safety_bar, counts)
         seconds["restore"] = time.perf_counter() - t0
 
     trace_ok = [c for c in confirmations if c["method"] in TRACE_METHODS and c["acceptance"]["accepted"]]
@@ -204,13 +212,13 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     if best_precision is not None:
         cfg = mixed_config(target, keep_cfg, best_precision["modules"])
         best_precision["json"] = cfg.to_json()
-        if with_audit:
-            best_precision["audit"] = _audit_one(ref, cfg)
+        if with_audit and "audit" not in best_precision:
+            best_precision["audit"] = _audit_model(ref, cfg)
         if out_dir is not None:
             files.update(_write_files(ref, cfg, Path(out_dir), log))
     if chosen is not None:
         chosen["why"] = _why(chosen, accepted)
-        if chosen is not best_precision and with_audit:
+        if chosen is not best_precision and with_audit and "audit" not in chosen:
             chosen["audit"] = _audit_model(ref, _rebuild(chosen, var, vector, direction, ref, target))
         if out_dir is not None and vector is not None and chosen["method"] == "steer":
             files["steering_vector"] = str(vector.save(Path(out_dir) / "steering-vector.safetensors",
@@ -236,7 +244,7 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
         restorations=restorations, direction=direction.to_dict() if direction is not None else None,
         files=files, kl_text={**kl_info, "ctx": 256, "chunks": int(kl_ids.shape[0])}, counts=counts,
         seconds={k: round(v, 2) for k, v in seconds.items()},
-        settings={"kinds": kinds, "methods": list(methods), "layer": layer, "max_bpw": top, "budgets": budgets, "train_bar": train_bar,
+        settings={"kinds": kinds, "safety_bar": safety_bar, "methods": list(methods), "layer": layer, "max_bpw": top, "budgets": budgets, "train_bar": train_bar,
                   "tolerance": tolerance, "alpha": alpha, "confirm_baselines": confirm_baselines,
                   "max_confirm": max_confirm, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                   "seed": seed})
@@ -262,9 +270,22 @@ def _rebuild(chosen: dict, var, vector, direction, ref, target):
     return restore_direction(quantize(remove_direction(ref, direction.r_hat), target), direction.r_hat, ref)
 
 
-def _audit_one(ref, cfg) -> dict:
-    """Safety and capability CPFR of the repaired config through the reference's SAEs (``harmful_refusal_v1``)."""
-    return _audit_model(ref, cfg)
+def safety_gate(cand: dict, audit: Callable[[], dict], bar: float | None, counts: dict) -> None:
+    """With a ``bar``, a candidate the behaviour check accepted is audited and stays accepted only when its
+    safety CPFR (the reference's SAE features, :mod:`trace_lib.metrics.cpfr`) is at least ``bar``; the audit
+    and the verdict go into ``cand`` (``acceptance["safety_cpfr_ok"]``)."""
+    acc = cand["acceptance"]
+    if bar is None or not acc["accepted"]:
+        return
+    cand["audit"] = audit()
+    counts["audits"] = counts.get("audits", 0) + 1
+    cpfr = cand["audit"]["safety_cpfr"]
+    acc["safety_bar"], acc["safety_cpfr_ok"] = bar, bool(cpfr >= bar)
+    if not acc["safety_cpfr_ok"]:
+        acc["accepted"] = False
+        acc["why"] = f"safety CPFR {cpfr:.3f} is below the bar {bar:g} (behaviour passed: {acc['why']})"
+    else:
+        acc["why"] += f"; safety CPFR {cpfr:.3f} >= {bar:g}"
 
 
 def _audit_model(ref, variant) -> dict:
