@@ -10,9 +10,9 @@ import torch
 
 from trace_lib.attribution.inputs import make_batches
 from trace_lib.attribution.metric import Metric
+from trace_lib.metrics.stats import mcnemar_greater
 from trace_lib.quant import quantize
 from trace_lib.quant.config import parse_config
-from trace_lib.metrics.stats import mcnemar_greater
 from trace_lib.repair.accept import accept
 from trace_lib.repair.precision import (
     Costs,
@@ -308,3 +308,10 @@ def test_the_safety_bar_rejects_a_behaviourally_accepted_candidate(tiny_folder, 
     for c in res.restorations:
         assert not c["acceptance"]["accepted"]
         assert ("safety_cpfr_ok" in c["acceptance"]) == ("audit" in c)
+
+
+def test_the_cli_spells_the_repair_kinds_as_the_library_does():
+    from trace_lib.cli.repair import KINDS as CLI_KINDS
+    from trace_lib.repair.restore import KINDS
+
+    assert CLI_KINDS == KINDS

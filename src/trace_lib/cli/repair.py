@@ -20,8 +20,10 @@ from trace_lib.cli.common import (
     write_html,
 )
 from trace_lib.errors import QuantizationError
-from trace_lib.repair.restore import KINDS
 from trace_lib.validate import FRACTION, POSITIVE, Range, check_distinct
+
+#: trace_lib.repair.restore.KINDS, spelled here so that parsing the command line imports no torch (tested equal)
+KINDS = ("precision", "steer", "edit")
 
 
 def _target(ctx: typer.Context, param: Any, value: Any) -> Any:

@@ -18,7 +18,6 @@ later loads take well under a second. Nothing is ever downloaded; ``trust_remote
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 from collections.abc import Callable

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from trace_lib.attribution.inputs import make_batches, reference_refusals
 from trace_lib.attribution.metric import Metric
 from trace_lib.errors import AttributionError, InvalidValueError, QuantizationError
 from trace_lib.repair.accept import accept
+from trace_lib.repair.edit import remove_direction, restore_direction
 from trace_lib.repair.precision import (
     METHODS,
     CurvePoint,
@@ -39,7 +41,6 @@ from trace_lib.repair.precision import (
     rank_linears,
     score_sets,
 )
-from trace_lib.repair.edit import remove_direction, restore_direction
 from trace_lib.repair.restore import KINDS, RestoreContext, edit_repairs, refusal_direction, steer_repair
 from trace_lib.repair.result import RepairResult
 from trace_lib.repair.steer import steer_variant
@@ -176,7 +177,7 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
             cand = {"method": method, "budget_bpw": p.budget_bpw, "extra_bpw": p.extra_bpw, "bpw": bpw,
                     "config": cfg.name, "overrides": dict(cfg.overrides), "modules": p.modules,
                     "restored_train": p.restored, "kld": p.kld, "acceptance": acc.to_dict()}
-            safety_gate(cand, lambda: _audit_model(ref, repaired), safety_bar, counts)
+            safety_gate(cand, functools.partial(_audit_model, ref, repaired), safety_bar, counts)
             confirmations.append(cand)
             log(f"{method} at +{p.extra_bpw:.3f} bpw ({len(p.modules)} Linears): "
                 f"{'accepted' if cand['acceptance']['accepted'] else 'rejected'}: {cand['acceptance']['why']}")
