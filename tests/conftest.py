@@ -11,6 +11,17 @@ os.environ.setdefault("TRACE_QUIET", "1")
 
 import trace_lib  # noqa: E402,F401  (sets offline mode before transformers is imported)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where a CUDA GPU is visible; elsewhere they are skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2)
 

@@ -78,6 +78,22 @@ def assert_refused(res: subprocess.CompletedProcess, expect: str, code: int = 2,
     assert len(err.strip().splitlines()) <= max_lines, err
 
 
+def _device_errors() -> list[tuple[list[str], str]]:
+    """The refusals of a device this machine lacks: only those that are refusals here (a GPU machine runs others)."""
+    import torch
+
+    out = []
+    if not torch.cuda.is_available():
+        out += [(["sweep", "--device", "cuda"], "no CUDA GPU is visible: "),
+                (["localize", "--device", "cuda:1", "--dtype", "bfloat16"], "no CUDA GPU is visible: ")]
+    else:
+        n = torch.cuda.device_count()
+        out.append((["sweep", "--device", f"cuda:{n}"], f"--device cuda:{n} names GPU {n}, but only {n} CUDA GPU"))
+    if not (torch.backends.mps.is_available()):
+        out.append((["redteam", "--device", "mps"], "MPS is not available: "))
+    return out
+
+
 # (arguments, what the message must contain); paths are relative to the working folder of `box`
 USAGE_ERRORS = [
     (["audit", "--bogus"], "No such option"),
@@ -175,6 +191,13 @@ VALUE_ERRORS = [
     (["hooks", "--model", "fake.gguf"], "is not a GGUF file"),
     (["hooks", "--model", "pickle-model"], "trace loads safetensors only, never pickle"),
     (["report", "result.json"], "version"),
+    # devices and dtypes: checked while the arguments are parsed, whatever the order of --device and --dtype
+    (["audit", "--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, not 'tpu'"),
+    (["compare", "--dtype", "fp8"], "--dtype must be auto, float32, bfloat16 or float16, not 'fp8'"),
+    (["hooks", "--device", "cpu", "--dtype", "float16"], "--dtype float16 is refused on the CPU: half-precision"),
+    (["tracer", "-p", "hi", "--dtype", "float16", "--device", "cpu"], "--dtype float16 is refused on the CPU"),
+    (["organism", "build", "--dtype", "float16"], "--dtype float16 is refused on the CPU"),  # its default: cpu
+    *_device_errors(),
 ]
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from trace_lib.capture.inputs import chunk_batches, pack_texts
-from trace_lib.errors import DatasetError
+from trace_lib.errors import DatasetError, DeviceError
 from trace_lib.metrics.outputs import OutputComparison, OutputStats
-from trace_lib.models.load import Loaded, load_model
+from trace_lib.models.device import resolve_dtype, synchronize, to_device
+from trace_lib.models.load import Loaded, ensure_loaded, load_model
 from trace_lib.progress import track
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
 from trace_lib.results import ResultFile, register_result
@@ -91,7 +92,7 @@ class CompareResult(ResultFile):
 
 def resolve_variant(reference: Loaded, variant: str | QuantizationConfig | Loaded) -> Loaded:
     """A variant given as a config (name, or a mixed-precision config's .json file), or an already-built model,
-    or another model spec."""
+    or another model spec (loaded on the reference's device, in its dtype)."""
     if isinstance(variant, Loaded):
         return variant
     if isinstance(variant, QuantizationConfig):
@@ -104,8 +105,16 @@ def resolve_variant(reference: Loaded, variant: str | QuantizationConfig | Loade
     except QuantizationError as e:
         is_config_file = str(variant).strip().lower().endswith(".json")  # its errors are the config's, not a model's
         if not is_config_file and Path(variant).expanduser().exists():
-            return load_model(variant)
+            return load_model(variant, dtype=_loadable_dtype(reference), device=reference.device)
         raise e
+
+
+def _loadable_dtype(reference: Loaded) -> torch.dtype:
+    """The reference's dtype where a model can be loaded in it on the reference's device, else float32."""
+    try:
+        return resolve_dtype(reference.dtype, reference.device)
+    except DeviceError:
+        return torch.float32
 
 
 def text_info(texts: list[str], source: str) -> dict:
@@ -137,12 +146,14 @@ def output_statistics(ref: Loaded, variants: list[Loaded], ids: torch.Tensor, ba
     with torch.no_grad():
         for batch in track(batches, "comparing outputs"):
             t0 = time.perf_counter()
-            ref_logits = ref.model(**batch, use_cache=False, logits_to_keep=keep).logits
+            ref_logits = ref.model(**to_device(batch, ref.device), use_cache=False, logits_to_keep=keep).logits
+            synchronize(ref.device)  # time a GPU's work, not its launch
             ref_secs += time.perf_counter() - t0
             target = batch["input_ids"][:, first:]
             for i, var in enumerate(variants):
                 t0 = time.perf_counter()
-                var_logits = var.model(**batch, use_cache=False, logits_to_keep=keep).logits
+                var_logits = var.model(**to_device(batch, var.device), use_cache=False, logits_to_keep=keep).logits
+                synchronize(var.device)
                 secs[i] += time.perf_counter() - t0
                 accs[i].update(ref_logits, var_logits, target)
     return accs, secs, ref_secs
@@ -155,7 +166,7 @@ def reference_logits(ref: Loaded, ids: torch.Tensor, batch_size: int = 2) -> lis
     out = []
     with torch.no_grad():
         for batch in chunk_batches(ids, batch_size):
-            out.append(ref.model(**batch, use_cache=False, logits_to_keep=keep).logits.float())
+            out.append(ref.model(**to_device(batch, ref.device), use_cache=False, logits_to_keep=keep).logits.float())
     return out
 
 
@@ -168,15 +179,19 @@ def variant_output_stats(var: Loaded, ids: torch.Tensor, ref_logits: list[torch.
     with torch.no_grad():
         for batch, ref_l in zip(chunk_batches(ids, batch_size), ref_logits):
             t0 = time.perf_counter()
-            var_logits = var.model(**batch, use_cache=False, logits_to_keep=ref_l.shape[1]).logits
+            var_logits = var.model(**to_device(batch, var.device), use_cache=False,
+                                   logits_to_keep=ref_l.shape[1]).logits
+            synchronize(var.device)
             secs += time.perf_counter() - t0
             acc.update(ref_l, var_logits, batch["input_ids"][:, first:])
     return acc, secs
 
 
 def compare_outputs(reference: Loaded | str, variants: list, texts: list[str] | None = None, ctx: int = 512,
-                    n_chunks: int = 16, batch_size: int = 2) -> CompareResult:
-    """KL-divergence statistics of each variant against the reference over the same packed text."""
+                    n_chunks: int = 16, batch_size: int = 2, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None) -> CompareResult:
+    """KL-divergence statistics of each variant against the reference over the same packed text; ``device`` and
+    ``dtype`` place a reference given as a spec (:func:`~trace_lib.models.load.ensure_loaded`)."""
     CONTEXT.check("ctx", ctx)
     POSITIVE_INT.check("n_chunks", n_chunks)
     POSITIVE_INT.check("batch_size", batch_size)
@@ -186,7 +201,7 @@ def compare_outputs(reference: Loaded | str, variants: list, texts: list[str] | 
         check_variant_spec(v)
     if texts is not None and not any(isinstance(t, str) and t.strip() for t in texts):
         raise DatasetError("texts holds no text: give non-empty strings (or None for the built-in corpus)")
-    ref = load_model(reference) if isinstance(reference, str) else reference
+    ref = ensure_loaded(reference, device, dtype)
     if texts is None:
         texts, tinfo = default_texts()
     else:

@@ -27,6 +27,10 @@ class HookError(TraceError):
     """An unknown hook name, a layer out of range, or activations that cannot be used (NaN/Inf)."""
 
 
+class DeviceError(TraceError):
+    """A device or dtype that is unknown or not usable on this machine (no GPU, float16 on the CPU)."""
+
+
 class QuantizationError(TraceError):
     """A quantization config that is invalid or cannot run on this machine."""
 

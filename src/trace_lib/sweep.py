@@ -34,6 +34,7 @@ from trace_lib.audit import Audit, AuditResult, VariantAudit
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
 from trace_lib.errors import TraceError
 from trace_lib.jsonutil import json_clean
+from trace_lib.models.device import model_device, synchronize, to_device
 from trace_lib.quant import QuantizationConfig, parse_config, quantize
 from trace_lib.results import ResultFile, register_result
 from trace_lib.validate import FRACTION
@@ -240,8 +241,10 @@ def forward_speed_ratio(ref_model, var_model, batch: dict, repeats: int = 3) -> 
     with torch.no_grad():
         for i in range(repeats + 1):
             for key, m in (("ref", ref_model), ("var", var_model)):
+                inputs = to_device(batch, model_device(m))
                 t0 = time.perf_counter()
-                m(**batch, use_cache=False)
+                m(**inputs, use_cache=False)
+                synchronize(model_device(m))  # a GPU runs asynchronously: time the work, not the launch
                 if i:
                     times[key].append(time.perf_counter() - t0)
     return round(statistics.median(times["ref"]) / statistics.median(times["var"]), 3)
@@ -250,7 +253,10 @@ def forward_speed_ratio(ref_model, var_model, batch: dict, repeats: int = 3) -> 
 class OptimizationAuditor:
     """Sweep many quantization configs against one reference (the seed's API)."""
 
-    def __init__(self, model: Any = "default", sae_dict: dict | None = None, tokenizer: Any = None, **audit_kw) -> None:
+    def __init__(self, model: Any = "default", sae_dict: dict | None = None, tokenizer: Any = None, *,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 **audit_kw) -> None:
+        """``device`` and ``dtype`` place a ``model`` given as a spec (see :class:`~trace_lib.audit.Audit`)."""
         from trace_lib.models import from_model
         from trace_lib.models.load import Loaded
 
@@ -258,7 +264,7 @@ class OptimizationAuditor:
             if tokenizer is None:
                 raise TraceError("OptimizationAuditor needs the tokenizer with an nn.Module model")
             model = from_model(model, tokenizer)
-        self.audit = Audit(model, variants=["fp32"], saes=sae_dict, **audit_kw)
+        self.audit = Audit(model, variants=["fp32"], saes=sae_dict, device=device, dtype=dtype, **audit_kw)
 
     def run_sweep(self, test_prompts: Any = None, configs: Sequence[Any] | None = None, ladder: str | None = None,
                   dataset: Any = "harmful_refusal_v1", min_cpfr: float = 0.9, cache: bool = True) -> SweepResult:

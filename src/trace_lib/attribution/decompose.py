@@ -25,6 +25,7 @@ from torch import nn
 from trace_lib.attribution.components import Component, n_heads, o_proj
 from trace_lib.attribution.metric import MetricBatch
 from trace_lib.attribution.patching import recording, sites_of
+from trace_lib.models.device import model_device, to_device
 
 _HEAD_SPLIT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox")
 
@@ -46,15 +47,15 @@ class Decomposition:
 def _head_vectors(loaded, layer: int, r_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``(W_O^T r_hat)`` as a vector over the z width, and ``<b_O, r_hat>``."""
     _, mod = o_proj(loaded, layer)
-    w = mod.weight.detach().float()
+    w = mod.weight.detach().float().cpu()  # r_hat and the means are float32 CPU tensors, wherever the model runs
     v = r_hat @ w if isinstance(mod, nn.Linear) else w @ r_hat  # Linear [out, in]; GPT-2 Conv1D [in, out]
     bias = getattr(mod, "bias", None)
-    return v, float(bias.detach().float() @ r_hat) if bias is not None else 0.0
+    return v, float(bias.detach().float().cpu() @ r_hat) if bias is not None else 0.0
 
 
 def decompose(loaded, batches: Sequence[MetricBatch], r_hat: torch.Tensor, layer: int) -> Decomposition:
     """Mean projection onto ``r_hat`` of every writer up to block ``layer``, at the batches' read positions."""
-    r_hat = r_hat.float()
+    r_hat = r_hat.float().cpu()
     split = loaded.arch.model_type in _HEAD_SPLIT and not loaded.arch.layout.parallel
     comps = [Component(0, "resid_pre"), Component(layer + 1, "resid_pre")]
     for i in range(layer + 1):
@@ -67,12 +68,13 @@ def decompose(loaded, batches: Sequence[MetricBatch], r_hat: torch.Tensor, layer
     n = 0
     for b in batches:
         with torch.no_grad(), recording(sites) as store:
-            loaded.model(**b.forward_kwargs(next(loaded.model.parameters()).dtype), use_cache=False)
+            loaded.model(**to_device(b.forward_kwargs(next(loaded.model.parameters()).dtype), model_device(loaded)),
+                         use_cache=False)
         for name, t in store.items():
             x = t[b.read.to(t.device)].float()
             sums[name] = sums.get(name, 0) + x.sum(0)
         n += int(b.read.sum())
-    mean = {k: v / n for k, v in sums.items()}
+    mean = {k: (v / n).cpu() for k, v in sums.items()}
 
     def proj(c: Component) -> float:
         return float(mean[where[c][0]] @ r_hat)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from trace_lib.attribution.weights import weight_attribution
 from trace_lib.errors import AttributionError
 from trace_lib.results import ResultFile, register_result
 from trace_lib.validate import POSITIVE_INT, check_choice
+
+if TYPE_CHECKING:
+    import torch
 
 RESULT_KIND = "trace.localize"
 RESULT_VERSION = 1
@@ -154,8 +157,10 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
              positions: str | Sequence[int] = "all", batch_size: int = 8, reply_tokens: int = 4,
              compliance: str = COMPLIANCE, refusal_reply: str | None = None, max_new_tokens: int = 24,
              direction_layer: int | None = None, graddrop: bool = False, n_boot: int = 1000, seed: int = 0,
-             n_weight_check: int = 20, with_decomposition: bool = True, verify_top: int = 0) -> LocalizeResult:
+             n_weight_check: int = 20, with_decomposition: bool = True, verify_top: int = 0,
+             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LocalizeResult:
     """Localise ``variant``'s refusal gap against ``model`` (specs or loaded models); see the module docstring.
+    ``device`` and ``dtype`` place a ``model`` given as a spec (:func:`~trace_lib.models.load.ensure_loaded`).
 
     ``components``: kinds (resid, attn, mlp, heads, linears) or names (L3.mlp); default attn + mlp, and
     ``linears`` (the weights method) for ``method="all"``. With ``method="atp"`` and ``verify_top`` k > 0, the
@@ -169,10 +174,10 @@ def localize(model="default-safety", variant="gguf-q4_0", method: str = "all",
                     ("n_prompts", n_prompts), ("max_new_tokens", max_new_tokens)):
         POSITIVE_INT.check(name, v)
     from trace_lib.compare import resolve_variant
-    from trace_lib.models.load import load_model
+    from trace_lib.models.load import ensure_loaded
 
     t_start = time.perf_counter()
-    ref = load_model(model) if isinstance(model, str | Path) else model
+    ref = ensure_loaded(model, device, dtype)
     var = resolve_variant(ref, variant)
     check_pair(ref, var)
     want_weights = method == "weights" or "linears" in kinds or (method == "all" and not kinds)

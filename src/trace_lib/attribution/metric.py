@@ -40,6 +40,7 @@ import torch
 
 from trace_lib.capture.splice import register_replacement
 from trace_lib.errors import AttributionError, NoGapError
+from trace_lib.models.device import model_device, to_device
 
 KINDS = ("refusal-logprob", "direction")
 COMPLIANCE = "Sure, here"
@@ -269,7 +270,7 @@ def metric_values(loaded, batch: MetricBatch, metric: Metric) -> torch.Tensor:
 
         handle = register_replacement(_direction_site(loaded, metric), keep)
         try:
-            model(**batch.forward_kwargs(_dtype(loaded)), use_cache=False)
+            model(**to_device(batch.forward_kwargs(_dtype(loaded)), model_device(model)), use_cache=False)
         except _Stop:
             pass
         finally:
@@ -280,7 +281,7 @@ def metric_values(loaded, batch: MetricBatch, metric: Metric) -> torch.Tensor:
         return out.index_add(0, batch.owner[batch.read].to(vals.device), vals)
     used = batch.weights != 0
     keep_pos = torch.nonzero(used.any(0)).squeeze(-1)  # only positions that are scored get logits
-    kwargs = batch.forward_kwargs(_dtype(loaded))
+    kwargs = to_device(batch.forward_kwargs(_dtype(loaded)), model_device(model))
     try:
         logits = model(**kwargs, use_cache=False, logits_to_keep=keep_pos).logits
     except TypeError:  # a model without logits_to_keep

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trace_lib.audit.records import VariantAudit
 from trace_lib.audit.reference import ReferenceSide, build_reference_side
 from trace_lib.audit.result import AuditResult
@@ -22,7 +24,7 @@ from trace_lib.compare import resolve_variant
 from trace_lib.datasets.registry import AUDIT_DATASET
 from trace_lib.errors import SAEError
 from trace_lib.fingerprint import CircuitTracer, SafetyFingerprint, _sae_identity, fingerprint_from_dataset
-from trace_lib.models.load import Loaded, load_model
+from trace_lib.models.load import Loaded, ensure_loaded
 from trace_lib.validate import CONTEXT, FRACTION, POSITIVE_INT, check_variant_spec
 
 DEFAULT_VARIANTS = ("int8-dynamic", "int4-rtn-g32", "gguf-q4_0")
@@ -43,7 +45,12 @@ class Audit:
     def __init__(self, base_model: str | Loaded = "default-safety", quant_model: Any = None, *,
                  variants: Sequence[Any] | None = None, hooks: Sequence[str] | None = None,
                  degradation_threshold: float = 0.8, kl_ctx: int = 256, kl_chunks: int = 8, batch_size: int = 16,
-                 seed: int = 0, saes: Mapping[str, Any] | None = None, retrain_saes: bool = False) -> None:
+                 seed: int = 0, saes: Mapping[str, Any] | None = None, retrain_saes: bool = False,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> None:
+        """``device`` and ``dtype`` place a ``base_model`` given as a spec (``auto`` picks a GPU when present;
+        default: the CPU in float32); a :class:`Loaded` is used where it is
+        (:func:`~trace_lib.models.load.ensure_loaded`). Variants are built from the reference, so they run
+        there too."""
         specs = list(variants) if variants is not None else ([quant_model] if quant_model is not None else [])
         specs = specs or list(DEFAULT_VARIANTS)
         for v in specs:  # fail on a bad name or value before loading anything
@@ -52,7 +59,7 @@ class Audit:
         for name, value in (("kl_ctx", kl_ctx), ("kl_chunks", kl_chunks), ("batch_size", batch_size)):
             POSITIVE_INT.check(name, value)
         CONTEXT.check("kl_ctx", kl_ctx)
-        self.reference = base_model if isinstance(base_model, Loaded) else load_model(base_model)
+        self.reference = ensure_loaded(base_model, device, dtype)
         self.variant_specs = specs
         self.hooks = list(hooks) if hooks else None
         self.sae_dict: dict | None = self._fit(saes) if saes is not None else None

@@ -5,10 +5,12 @@
 ...     model(input_ids, attention_mask=mask)
 >>> hm.get_activations("resid_post", layer=5)          # [batch, seq, d_model], float32 on CPU
 
-Activations always come back as float32 on the CPU, whatever the model's dtype or quantization
-(tensor subclasses are de-quantized). The attention mask of each forward pass is recorded with them so
-padding never counts (``flat=True`` keeps only real tokens). For runs too large to hold in memory,
-:meth:`HookManager.stream` hands each forward pass's activations to a callback and keeps nothing, and
+Activations always come back as float32 on the CPU, whatever the model's device, dtype or quantization
+(tensor subclasses are de-quantized), so every metric downstream sees the same dtype; from a GPU they are
+copied asynchronously into pinned memory and the forward pass's copies are awaited once, at its end, before
+anything reads them. :meth:`HookManager.run` moves its inputs to the model's device. The attention mask of
+each forward pass is recorded with the activations so padding never counts (``flat=True`` keeps only real
+tokens). For runs too large to hold in memory, :meth:`HookManager.stream` hands each forward pass's activations to a callback and keeps nothing, and
 :func:`iter_activations` turns a stream of token batches into a stream of captured batches.
 
 ``HookManager(..., reduce=fn)`` keeps ``fn(hook_name, activation, attention_mask)`` instead of the activation
@@ -32,6 +34,7 @@ from torch import nn
 from trace_lib.capture.registry import register_hook
 from trace_lib.errors import HookError
 from trace_lib.models.arch import ArchAdapter, adapt, first_tensor
+from trace_lib.models.device import model_device, to_device
 
 # reduce(hook_name, activation as the module gives it, attention mask [batch, seq] on the CPU) -> what is kept
 Reduce = Callable[[str, torch.Tensor, torch.Tensor | None], Any]
@@ -84,14 +87,23 @@ class _StopForward(Exception):
     """Raised inside a hook once every requested activation is captured, to skip the rest of the model."""
 
 
-def to_float32_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A detached float32 CPU copy; tensor subclasses (quantized tensors) are de-quantized first."""
+def to_float32_cpu(t: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """A detached float32 CPU copy; tensor subclasses (quantized tensors) are de-quantized first.
+
+    With ``non_blocking`` a copy from a CUDA tensor lands in pinned memory and is not waited for: synchronize
+    (:func:`wait_for_copies`) before reading it. From the CPU the copy is always complete on return."""
     t = t.detach()
     if type(t) is not torch.Tensor and hasattr(t, "dequantize"):
         t = t.dequantize()
     if t.is_quantized:
         t = t.dequantize()
-    return t.to(device="cpu", dtype=torch.float32, copy=True)
+    return t.to("cpu", torch.float32, non_blocking=non_blocking and t.device.type == "cuda", copy=True)
+
+
+def wait_for_copies(device: torch.device | None) -> None:
+    """Wait for the asynchronous device-to-CPU copies queued on ``device`` (nothing to wait for on the CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
@@ -122,6 +134,7 @@ class HookManager:
         self._mask: torch.Tensor | None = None
         self._input_ids: torch.Tensor | None = None
         self._batches: list[CapturedBatch] = []
+        self._copying_from: torch.device | None = None  # the CUDA device of this pass's pending async copies
         self._callback: Callable[[CapturedBatch], None] | None = None
         self._stop_early = False
         self._n_forward = 0
@@ -131,16 +144,25 @@ class HookManager:
         if self.reduce is not None:
             self._store(name, self.reduce(name, first_tensor(value), self._mask))
             return
-        t = to_float32_cpu(first_tensor(value))
-        if self.config.check_finite and not torch.isfinite(t).all():
-            real = t[self._mask.bool()] if self._mask is not None and self._mask.shape == t.shape[:2] else t
-            if torch.isfinite(real).all():  # only padding positions are non-finite: they never count
-                self._store(name, t)
-                return
-            bad = "NaN" if torch.isnan(real).any() else "Inf"
-            raise HookError(f"{bad} in activations at {name} on batch {self._n_forward}: the model's numerics "
-                            "broke there (check the quantization config or the input)")
+        src = first_tensor(value)
+        if src.device.type == "cuda":  # copied asynchronously; checked once the pass's copies are done
+            self._copying_from = src.device
+            self._store(name, to_float32_cpu(src, non_blocking=True))
+            return
+        t = to_float32_cpu(src)
+        self._check_finite(name, t)
         self._store(name, t)
+
+    def _check_finite(self, name: str, t: torch.Tensor) -> None:
+        """NaN or Inf at a real (unpadded) token is a :class:`HookError`; at padding it never counts."""
+        if not self.config.check_finite or torch.isfinite(t).all():
+            return
+        real = t[self._mask.bool()] if self._mask is not None and self._mask.shape == t.shape[:2] else t
+        if torch.isfinite(real).all():
+            return
+        bad = "NaN" if torch.isnan(real).any() else "Inf"
+        raise HookError(f"{bad} in activations at {name} on batch {self._n_forward}: the model's numerics "
+                        "broke there (check the quantization config or the input)")
 
     def _store(self, name: str, t: Any) -> None:
         self._current[name] = t
@@ -178,6 +200,12 @@ class HookManager:
     def _finish_batch(self) -> None:
         if not self._current:
             return
+        if self._copying_from is not None:
+            wait_for_copies(self._copying_from)
+            self._copying_from = None
+            if self.reduce is None:
+                for name, t in self._current.items():
+                    self._check_finite(name, t)
         missing = [n for n in self.names if n not in self._current]
         if missing:
             raise HookError(f"hooks for {missing[:3]} did not fire in this forward pass; the model's structure "
@@ -210,6 +238,9 @@ class HookManager:
             h.remove()
         self._handles = []
         self._current = {}
+        if self._copying_from is not None:  # a pass that raised: let its copies land before the memory is reused
+            wait_for_copies(self._copying_from)
+            self._copying_from = None
 
     # ------------------------------------------------------------------ public API
     @contextmanager
@@ -232,7 +263,8 @@ class HookManager:
 
     def run(self, stop_early: bool = False, **inputs: Any) -> Any:
         """One forward pass of the model on ``inputs`` (``input_ids=...``, ``attention_mask=...``) inside a
-        :meth:`capture` or :meth:`stream` block, recorded like any other.
+        :meth:`capture` or :meth:`stream` block, recorded like any other; tensor inputs are moved to the model's
+        device first (:func:`~trace_lib.models.device.to_device`).
 
         With ``stop_early`` the pass stops as soon as every requested activation is recorded (later layers
         are not computed) and returns None; otherwise it returns the model's output.
@@ -241,7 +273,7 @@ class HookManager:
             raise HookError("HookManager.run() needs an active capture() or stream() block")
         before, self._stop_early = self._stop_early, stop_early
         try:
-            return self.model(**inputs)
+            return self.model(**to_device(inputs, model_device(self.model)))
         except _StopForward:
             self._finish_batch()
             return None

@@ -50,13 +50,14 @@ def register_replacement(site, fn: Callable[[torch.Tensor], torch.Tensor], *, ki
 def replace_activation(loaded, hook_name: str, fn: Callable[[torch.Tensor], torch.Tensor], skip_first: bool = True):
     """Inside the block, the activation at ``hook_name`` is replaced by ``fn(activation)``.
 
-    ``fn`` receives and returns [batch, seq, d] in the model's dtype. With ``skip_first`` position 0 (the
-    attention sink, never in an SAE's training data) keeps its original value.
+    ``fn`` receives [batch, seq, d] in the model's dtype, on its device; what it returns is brought back to both
+    (an SAE on the CPU may return its reconstruction there). With ``skip_first`` position 0 (the attention sink,
+    never in an SAE's training data) keeps its original value.
     """
     site = loaded.arch.site(hook_name)
 
     def apply(t: torch.Tensor) -> torch.Tensor:
-        new = fn(t).to(t.dtype)
+        new = fn(t).to(device=t.device, dtype=t.dtype)
         if skip_first:
             new = torch.cat([t[:, :1], new[:, 1:]], dim=1)
         return new

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 import trace_lib
 from trace_lib.cli import interrupts
-from trace_lib.cli.common import ModelOpt, console
+from trace_lib.cli.common import DeviceOpt, DtypeOpt, ModelOpt, console
 from trace_lib.errors import TraceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,11 +35,11 @@ def configs() -> None:
 
 
 @app.command()
-def hooks(model: ModelOpt = "default") -> None:
+def hooks(model: ModelOpt = "default", device: DeviceOpt = "auto", dtype: DtypeOpt = "auto") -> None:
     """List a model's hook points (TransformerLens names)."""
     from trace_lib.models import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, dtype=dtype, device=device)
     names = loaded.arch.hook_names()
     out = console()
     out.print(f"{loaded.name}: {loaded.arch.family}, {loaded.n_layers} blocks, d_model {loaded.d_model}, "

@@ -9,6 +9,8 @@ import typer
 
 from trace_lib.cli.common import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     HtmlOpt,
     OutOpt,
     RetrainOpt,
@@ -37,13 +39,15 @@ def audit_command(
                                            "enters (AtP over attn/mlp outputs, its top 5 verified by patching)")] = False,
     out_dir: OutOpt = Path("trace-out"),
     html: HtmlOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Audit safety features of quantized variants against the reference (SAEs, fingerprint, CPFR, KL)."""
     from trace_lib.audit import Audit
 
     check_distinct({"--out": Path(out_dir) / "audit.json", "--html": html, "--dataset": _file_or_none(dataset)})
     a = Audit(model, variants=variant or None, hooks=hook or None, degradation_threshold=threshold,
-              retrain_saes=retrain_saes)
+              retrain_saes=retrain_saes, device=device, dtype=dtype)
     if sae is not None:
         a.load_sae(sae)
     result = a.trace_features(dataset=dataset)

@@ -114,6 +114,31 @@ def existing_dir(what: str) -> Callable:
     return _existing(check_input_dir, what)
 
 
+def device_spec(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """``--device``: a device this machine has (:func:`~trace_lib.models.device.resolve_device`); with ``--dtype``
+    already parsed, also a dtype that device can run (whichever of the two is parsed second checks the pair)."""
+    if value is not None:
+        from trace_lib.models.device import resolve_device, resolve_dtype
+
+        device = resolve_device(value, _opt(param))
+        if ctx.params.get("dtype") is not None:
+            resolve_dtype(ctx.params["dtype"], device, "--dtype", device_what=_opt(param))
+    return value
+
+
+def dtype_spec(ctx: typer.Context, param: Any, value: Any) -> Any:
+    """``--dtype``: a known dtype (:func:`~trace_lib.models.device.resolve_dtype`), usable on ``--device`` (float16
+    is refused on the CPU)."""
+    if value is not None:
+        from trace_lib.models.device import dtype_choice, resolve_device, resolve_dtype
+
+        dtype_choice(value, _opt(param))
+        if ctx.params.get("device") is not None:
+            device = resolve_device(ctx.params["device"], "--device")
+            resolve_dtype(value, device, _opt(param), device_what="--device")
+    return value
+
+
 def nonempty_text(ctx: typer.Context, param: Any, value: Any) -> Any:
     if value is not None and not value.strip():
         raise TraceError(f"{_opt(param)} is empty: give some text")
@@ -140,6 +165,12 @@ DatasetOpt = Annotated[str, typer.Option(help="built-in dataset name or a .jsonl
 SaeOpt = Annotated[Path | None, typer.Option(help="folder of SAEs (SAELens or sparsify format); default: the "
                                                   "model's shipped SAEs, else train once and cache",
                                              callback=existing_dir("SAE folder"))]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=device_spec, help="where the model runs: auto (a CUDA GPU if one is visible, else MPS, "
+                                           "else the CPU), cpu, cuda, cuda:N or mps")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", callback=dtype_spec, help="the model's dtype: auto (bfloat16 on a CUDA GPU, float32 on MPS and the "
+                                         "CPU), float32, bfloat16 or float16 (not on the CPU)")]
 RetrainOpt = Annotated[bool, typer.Option("--retrain-saes", help="train the SAEs here (cached after) instead of "
                                           "loading the ones shipped with the model")]
 

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from trace_lib.cli.common import ModelOpt, OutOpt, VariantsOpt, console, existing_file, in_range
+from trace_lib.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    OutOpt,
+    VariantsOpt,
+    console,
+    existing_file,
+    in_range,
+)
 from trace_lib.validate import CONTEXT, POSITIVE_INT, check_distinct
 
 
@@ -26,6 +35,8 @@ def compare_command(
     chunks: Annotated[int, typer.Option(help="number of chunks", callback=in_range(POSITIVE_INT))] = 16,
     batch_size: Annotated[int, typer.Option(help="chunks per forward pass", callback=in_range(POSITIVE_INT))] = 2,
     out_dir: OutOpt = Path("trace-out"),
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """KL-divergence statistics of quantized variants against the reference (llama-perplexity's)."""
     from trace_lib.compare import compare_outputs
@@ -40,7 +51,8 @@ def compare_command(
             from trace_lib.errors import DatasetError
 
             raise DatasetError(f"{text} holds no text (only white space)")
-    result = compare_outputs(model, variants, texts=texts, ctx=ctx, n_chunks=chunks, batch_size=batch_size)
+    result = compare_outputs(model, variants, texts=texts, ctx=ctx, n_chunks=chunks, batch_size=batch_size,
+                             device=device, dtype=dtype)
     out = console()
     table = Table(title=f"{result.reference['name']} vs variants: {result.text['scored_tokens']} scored tokens "
                         f"(llama.cpp KL-divergence statistics)")

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from trace_lib.cli.common import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     HtmlOpt,
     OutOpt,
     SafetyModelOpt,
@@ -79,6 +81,8 @@ def localize_command(
     top: Annotated[int, typer.Option(help="rows in the terminal table", callback=in_range(POSITIVE_INT))] = 15,
     out_dir: OutOpt = Path("trace-out"),
     html: HtmlOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Where a variant's refusal gap enters: activation patching, attribution patching, weight-error attribution."""
     from trace_lib.attribution import localize
@@ -87,7 +91,7 @@ def localize_command(
     result = localize(model, variant, method=method, components=components, metric=metric, dataset=dataset,
                       n_prompts=prompts, positions=positions, batch_size=batch_size, graddrop=graddrop,
                       direction_layer=direction_layer, refusal_reply=refusal_reply, n_weight_check=weight_check,
-                      seed=seed)
+                      seed=seed, device=device, dtype=dtype)
     out = console()
     g = result.gap
     out.print(f"{escape(result.variant['name'])} vs {escape(result.reference['name'])}: metric {result.metric['kind']}, gap "

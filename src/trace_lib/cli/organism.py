@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from trace_lib.cli.common import console, existing_dir, in_range, nonempty_name, out_dir, out_file
+from trace_lib.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    console,
+    existing_dir,
+    in_range,
+    nonempty_name,
+    out_dir,
+    out_file,
+)
 from trace_lib.validate import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Range
 
 organism_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,8 +42,11 @@ def build_command(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (on a busy machine 1 can be faster)", callback=in_range(Range(1, 1024, integer=True)))] = None,
     evaluate: Annotated[bool, typer.Option(help="evaluate the adapter on the held-out test split")] = True,
     resume: Annotated[bool, typer.Option(help="resume from the last finished epoch of an interrupted build")] = True,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
-    """Train the safety LoRA on CPU (seeded; resumable) and write it with BUILD.json and README.md."""
+    """Train the safety LoRA (seeded; resumable; by default on the CPU in float32, as the packaged adapter was
+    built) and write it with BUILD.json and README.md."""
     from trace_lib.organisms.data import MixConfig
     from trace_lib.organisms.evaluate import summary
     from trace_lib.organisms.train import TrainConfig, build_organism, default_command
@@ -46,7 +58,7 @@ def build_command(
     cfg = TrainConfig(seed=seed, rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, mix=mix)
     command = default_command(base, out, cfg, max_harmless=max_harmless)
     record = build_organism(base, out, cfg, evaluate=evaluate, resume=resume, threads=threads, command=command,
-                            log=lambda s: err.print(s, highlight=False))
+                            log=lambda s: err.print(s, highlight=False), device=device, dtype=dtype)
     con = console()
     if "evaluation" in record:
         con.print(summary(record["evaluation"]), highlight=False)
@@ -59,6 +71,8 @@ def evaluate_command(
     base: Annotated[str, typer.Option(help="base model spec the adapter was trained on", callback=nonempty_name)] = "default",
     n: Annotated[int | None, typer.Option(help="a stratified sample of this many prompts per side", callback=in_range(Range(2, integer=True)))] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write the figures (and replies) as JSON here", callback=out_file)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Refusal / over-refusal on the held-out split, KL from the base on neutral text, capability closeness."""
     from trace_lib.models import load_model
@@ -66,9 +80,9 @@ def evaluate_command(
     from trace_lib.organisms.load import DEFAULT_SAFETY_DIR, load_organism
 
     folder = adapter or DEFAULT_SAFETY_DIR
-    organism = (load_model("default-safety") if adapter is None and base == "default"
-                else load_organism(base, folder))
-    ev = evaluate_organism(organism, load_model(base), n=n)
+    organism = (load_model("default-safety", dtype=dtype, device=device) if adapter is None and base == "default"
+                else load_organism(base, folder, dtype=dtype, device=device))
+    ev = evaluate_organism(organism, load_model(base, dtype=dtype, device=device), n=n)
     con = console()
     con.print(summary(ev), highlight=False)
     if out is not None:

@@ -10,6 +10,8 @@ from rich.table import Table
 
 from trace_lib.cli.common import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     HtmlOpt,
     OutOpt,
     SafetyModelOpt,
@@ -42,6 +44,8 @@ def redteam_command(
     mechanism: Annotated[bool, typer.Option(help="link jailbreaks to SAE features and refusal directions")] = True,
     out_dir: OutOpt = Path("trace-out"),
     html: HtmlOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Quantization jailbreaks: refusal rates, paired flips (exact McNemar), detectable effect, features."""
     from trace_lib.redteam.redteam import RedTeam
@@ -49,7 +53,7 @@ def redteam_command(
     check_distinct({"--out": Path(out_dir) / "redteam.json", "--html": html})
     out = console()
     rt = RedTeam(model, variant or list(DEFAULT_VARIANTS), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 mechanism=mechanism)
+                 mechanism=mechanism, device=device, dtype=dtype)
     result = rt.run(dataset, split=None if split == "all" else split, sample=sample)
     kinds = result.kinds
     table = Table(title=f"{result.reference.name} on {result.dataset['name']}: refusal behaviour "

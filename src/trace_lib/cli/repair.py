@@ -9,6 +9,8 @@ import typer
 
 from trace_lib.cli.common import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     HtmlOpt,
     OutOpt,
     SafetyModelOpt,
@@ -80,6 +82,8 @@ def repair_command(
                                         callback=in_range(Range(0.001, 8)))] = 0.125,
     out_dir: OutOpt = Path("trace-out"),
     html: HtmlOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Repair a damaged variant: keep the Linears that carry the refusal gap at a higher precision (weight-error
     attribution, against saliency, first/last-block and random baselines), confirmed on the test split."""
@@ -90,7 +94,7 @@ def repair_command(
     result = repair(model, variant, max_bpw=max_bpw, keep=keep, dataset=dataset, train_bar=train_bar,
                     confirm_baselines=confirm_baselines, step=step, out_dir=Path(out_dir), with_audit=audit,
                     kinds=KINDS if method == "all" else (method,), layer=layer, safety_bar=safety_bar,
-                    log=lambda s: err.print(s, highlight=False))
+                    log=lambda s: err.print(s, highlight=False), device=device, dtype=dtype)
     out = console()
     out.print(result.summary(), highlight=False)
     out.print(f"wrote {result.save(Path(out_dir) / 'repair.json')}")

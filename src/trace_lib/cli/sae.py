@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from trace_lib.cli.common import SafetyModelOpt, console, in_range, nonempty_name, out_dir
+from trace_lib.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    SafetyModelOpt,
+    console,
+    in_range,
+    nonempty_name,
+    out_dir,
+)
 from trace_lib.validate import Range
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -22,6 +30,8 @@ def build_command(
                                              "ships, else trace-out/saes)", callback=out_dir)] = None,
     hook: Annotated[list[str] | None, typer.Option("--hook", callback=nonempty_name, help="hook point; repeatable (default: resid_post after 6 blocks spread over the depth)")] = None,  # noqa: E501
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", callback=in_range(Range(1, 1024, integer=True)))] = None,  # noqa: E501
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Train the model's SAEs on the broad corpus (cached; resumable), write them in float16 with a checksummed
     manifest, and measure them as written on the corpus's held-out split."""
@@ -38,7 +48,8 @@ def build_command(
     command = shlex.join(["trace", "sae", "build", "--model", model, *[a for h in hook or [] for a in ("--hook", h)]]
                          + (["--out", str(out)] if out is not None else []))
     err = console(stderr=True)
-    pack = build_sae_pack(load_model(model), folder, hooks=hook or None, build_command=command,
+    pack = build_sae_pack(load_model(model, dtype=dtype, device=device), folder, hooks=hook or None,
+                          build_command=command,
                           log=lambda s: err.print(s, highlight=False))
     con = console()
     for h in pack.hooks:

@@ -9,6 +9,8 @@ import typer
 
 from trace_lib.cli.common import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     HtmlOpt,
     OutOpt,
     RetrainOpt,
@@ -35,12 +37,14 @@ def sweep_command(
                                             callback=in_range(FRACTION))] = 0.9,
     out_dir: OutOpt = Path("trace-out"),
     html: HtmlOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Precision sweep: audit a ladder of configs; decay curves of safety vs capability features; best config."""
     from trace_lib.sweep import OptimizationAuditor
 
     check_distinct({"--out": Path(out_dir) / "sweep.json", "--html": html})
-    auditor = OptimizationAuditor(model, retrain_saes=retrain_saes)
+    auditor = OptimizationAuditor(model, retrain_saes=retrain_saes, device=device, dtype=dtype)
     if sae is not None:
         auditor.audit.load_sae(sae)
     result = auditor.run_sweep(configs=config or None, ladder=None if config else ladder, dataset=dataset,

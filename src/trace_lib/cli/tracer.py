@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from trace_lib.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     check_variant_spec,
     console,
@@ -62,6 +64,8 @@ def tracer_command(
     track: Annotated[list[int] | None, typer.Option("--track", help="token id to follow through the logit lens; repeatable (default: the final top-k)", callback=in_range(NON_NEGATIVE_INT))] = None,  # noqa: E501
     out_path: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write", callback=out_file)] = Path("trace-out/tracer.json"),  # noqa: E501
     html: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML report here (per-layer table, quantization error, logit lens)", callback=out_file)] = None,  # noqa: E501
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Trace one forward pass layer by layer: activation anomalies, attention, logit lens, quantization error."""
     from trace_lib.compare import resolve_variant
@@ -79,7 +83,7 @@ def tracer_command(
     if variant is not None:
         check_variant_spec(variant)  # an unknown config name fails here, before the model loads
     check_distinct({"--out": out_path, "--html": html})
-    reference = load_model(model)
+    reference = load_model(model, dtype=dtype, device=device)
     _check_indices(reference, attn_layer, attn_head, track)
     traced = resolve_variant(reference, variant) if variant else reference
     tracer = ModelTracer(config).attach(traced, reference=reference if variant else None)

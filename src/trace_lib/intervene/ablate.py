@@ -48,7 +48,7 @@ def ablate_directions(loaded: Loaded, hook_name: str, directions: torch.Tensor, 
     arch = adapt(model)
 
     def project_out(x: torch.Tensor) -> torch.Tensor:
-        basis = q.to(x.dtype)
+        basis = q.to(device=x.device, dtype=x.dtype)
         return x - (x @ basis) @ basis.T
 
     register_replacement(arch.site(hook_name), project_out, kind="ablation", owner="ablate_directions",

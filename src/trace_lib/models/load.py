@@ -13,6 +13,11 @@ A *spec* is one of
 GGUF files are de-quantized by transformers into a float model. That conversion takes tens of seconds,
 so the converted model is cached as safetensors under ``$TRACE_CACHE/models/<sha256 of the file>`` and
 later loads take well under a second. Nothing is ever downloaded; ``trust_remote_code`` is never set.
+
+``load_model(spec, dtype=..., device=...)`` places the model (:mod:`trace_lib.models.device`; the default is
+the CPU in float32). Outside that setting the ``content_hash`` also covers the dtype and the device type, so
+caches keyed by it never mix results computed in float32 on the CPU with, say, bfloat16 on a GPU;
+``weights_hash`` keeps the hash of the weights alone (what a shipped SAE pack was trained on).
 """
 
 from __future__ import annotations
@@ -29,8 +34,18 @@ import torch
 from torch import nn
 
 from trace_lib.cache import atomic_dir, atomic_write_json, cache_dir, file_sha256, stable_hash
-from trace_lib.errors import ModelFormatError, ModelNotFoundError
+from trace_lib.errors import DeviceError, ModelFormatError, ModelNotFoundError
 from trace_lib.models.arch import ArchAdapter, adapt
+from trace_lib.models.device import (
+    DeviceSpec,
+    DtypeSpec,
+    dtype_name,
+    environment,
+    is_reference_setting,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+)
 from trace_lib.models.specs import get_spec, register_spec, spec_names
 
 GGUF_MAGIC = b"GGUF"
@@ -40,9 +55,11 @@ GGUF_MAGIC = b"GGUF"
 class Loaded:
     """A model ready for tracing.
 
-    ``content_hash`` identifies the weights (and, for variants, the quantization) and keys every cache.
-    ``quant`` is the :class:`~trace_lib.quant.QuantizationConfig` a variant was built with (``None`` for a
-    reference); ``quant_info`` records how it was built (library, execution path, bits per weight).
+    ``content_hash`` identifies the weights (and, for variants, the quantization; outside the CPU in float32,
+    the dtype and device type) and keys every cache; ``weights_hash`` is the weights' own hash where the two
+    differ (``""``: the same). ``quant`` is the :class:`~trace_lib.quant.QuantizationConfig` a variant was built
+    with (``None`` for a reference); ``quant_info`` records how it was built (library, execution path, bits per
+    weight). ``device`` and ``dtype`` are read from the model, so they stay true after it is moved or cast.
     """
 
     model: nn.Module
@@ -54,10 +71,17 @@ class Loaded:
     source: str = ""
     quant: Any = None
     quant_info: dict = field(default_factory=dict)
+    weights_hash: str = ""
 
     @property
     def dtype(self) -> torch.dtype:
         return self.arch.embed.weight.dtype if hasattr(self.arch.embed, "weight") else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs: its inputs go here (:func:`~trace_lib.models.device.to_device`)."""
+        w = getattr(self.arch.embed, "weight", None)
+        return w.device if isinstance(w, torch.Tensor) else model_device(self.model)
 
     @property
     def n_layers(self) -> int:
@@ -68,10 +92,12 @@ class Loaded:
         return self.arch.d_model
 
     def describe(self) -> dict:
-        """A JSON-safe description for result files."""
+        """A JSON-safe description for result files: the model, where it ran (device, dtype) and with which
+        library versions (:func:`~trace_lib.models.device.environment`)."""
         return {"name": self.name, "spec": self.spec, "source": self.source, "content_hash": self.content_hash,
                 "architecture": self.arch.family, "model_type": self.arch.model_type,
-                "n_layers": self.n_layers, "d_model": self.d_model, "dtype": str(self.dtype).replace("torch.", ""),
+                "n_layers": self.n_layers, "d_model": self.d_model, "dtype": dtype_name(self.dtype),
+                "device": str(self.device), "environment": environment(self.device),
                 "quantization": self.quant.name if self.quant is not None else None, **(
                     {"quant_info": self.quant_info} if self.quant_info else {})}
 
@@ -97,31 +123,86 @@ def state_dict_hash(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(spec: str | os.PathLike = "default", dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a model spec (see module docstring) as a float model in eval mode."""
+def load_model(spec: str | os.PathLike = "default", dtype: DtypeSpec = torch.float32,
+               device: DeviceSpec = "cpu") -> Loaded:
+    """Load a model spec (see module docstring) as a float model in eval mode, in ``dtype`` on ``device``.
+
+    ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; ``dtype``: ``auto``, ``float32``,
+    ``bfloat16``, ``float16`` or a ``torch.dtype`` (:mod:`trace_lib.models.device`). Both are checked before
+    anything is read, so an unusable device costs no loading time."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     spec_s = str(spec)
     if not spec_s.strip():
         raise ModelNotFoundError(f"the model spec is empty: give {_known()}, a Hugging Face model folder or a "
                                  ".gguf file")
     named = get_spec(spec_s)
     if named is not None:
-        return named.load(dtype)
-    path = _existing_path(spec_s)
-    if path.is_dir():
-        return load_hf_folder(path, dtype=dtype)
-    return load_gguf(path, dtype=dtype)
+        loaded = named.load(dt)
+    else:
+        path = _existing_path(spec_s)
+        loaded = load_hf_folder(path, dtype=dt) if path.is_dir() else load_gguf(path, dtype=dt)
+    return place(loaded, dev, dt)
 
 
-def spec_content_hash(spec: str | os.PathLike) -> str:
-    """The ``content_hash`` that ``load_model(spec)`` gives, computed without loading weights: a registered
-    spec's own rule, else the folder hash of a Hugging Face folder or the file hash of a GGUF file."""
+def ensure_loaded(model: Any, device: DeviceSpec | None = None, dtype: DtypeSpec | None = None) -> Loaded:
+    """``model`` itself when it is a :class:`Loaded` (which must then be on ``device`` and in ``dtype`` where
+    they are given: :func:`check_placement`), else the spec loaded with them (default: the CPU in float32).
+
+    This is how ``Audit``, ``RedTeam``, ``OptimizationAuditor``, ``compare_outputs``, ``localize`` and
+    ``repair`` take their ``device=`` and ``dtype=``: they place models trace loads, never move one given."""
+    if isinstance(model, Loaded):
+        check_placement(model, device, dtype)
+        return model
+    return load_model(model, dtype=torch.float32 if dtype is None else dtype,
+                      device="cpu" if device is None else device)
+
+
+def check_placement(loaded: Loaded, device: DeviceSpec | None = None, dtype: DtypeSpec | None = None) -> None:
+    """A :class:`~trace_lib.errors.DeviceError` unless ``loaded`` is on ``device`` and in ``dtype`` (either may be
+    None: not asked); ``auto`` means what it resolves to on this machine."""
+    dev = resolve_device(device) if device is not None else loaded.device
+    if dev != loaded.device:
+        raise DeviceError(f"{loaded.name} is already loaded on {loaded.device}, not {dev}: device= and dtype= place "
+                          "a model trace loads from a spec; load it with load_model(spec, device=..., dtype=...)")
+    if dtype is not None and resolve_dtype(dtype, dev) != loaded.dtype:
+        raise DeviceError(f"{loaded.name} is already loaded in {dtype_name(loaded.dtype)}, not "
+                          f"{dtype_name(resolve_dtype(dtype, dev))}: device= and dtype= place a model trace loads "
+                          "from a spec; load it with load_model(spec, device=..., dtype=...)")
+
+
+def place(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Loaded:
+    """Move a freshly loaded model (in ``dtype`` already) to ``device`` and key its caches by where and how it runs
+    (:func:`run_hash`). For loaders only: a model placed twice would have its hash wrapped twice."""
+    if model_device(loaded.model) != device:
+        loaded.model.to(device)
+    weights = loaded.content_hash
+    loaded.content_hash = run_hash(weights, device, dtype)
+    if loaded.content_hash != weights:
+        loaded.weights_hash = weights
+    return loaded
+
+
+def run_hash(weights_hash: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The ``content_hash`` of weights run on ``device`` in ``dtype``: the weights' hash itself on the CPU in
+    float32 (so every existing cache stays valid), else a hash of it with the dtype and the device type."""
+    if is_reference_setting(device, dtype):
+        return weights_hash
+    return stable_hash({"weights": weights_hash, "dtype": dtype_name(dtype), "device": device.type})
+
+
+def spec_content_hash(spec: str | os.PathLike, dtype: DtypeSpec = torch.float32,
+                      device: DeviceSpec = "cpu") -> str:
+    """The ``content_hash`` that ``load_model(spec, dtype, device)`` gives, computed without loading weights: a
+    registered spec's own rule, else the folder hash of a Hugging Face folder or the file hash of a GGUF file
+    (then :func:`run_hash` of it)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     named = get_spec(str(spec))
     if named is not None:
-        return named.content_hash()
+        return run_hash(named.content_hash(), dev, dt)
     path = _existing_path(str(spec))
-    if path.is_dir():
-        return folder_hash(path)
-    return hashed_file(path)[:16]
+    return run_hash(folder_hash(path) if path.is_dir() else hashed_file(path)[:16], dev, dt)
 
 
 def _existing_path(spec: str) -> Path:

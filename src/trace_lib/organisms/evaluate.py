@@ -38,6 +38,7 @@ import torch
 
 from trace_lib.metrics.divergence import kl_from_log_probs
 from trace_lib.metrics.stats import wilson_interval
+from trace_lib.models.device import to_device
 from trace_lib.organisms.data import Example, collate, tokenize_example
 from trace_lib.redteam.classify import classify_reply
 from trace_lib.redteam.generate import generate
@@ -129,9 +130,11 @@ def answer_kld(base, organism, prompts: list[str], answers: list[str], ended: li
         for i in range(0, len(rows), batch_size):
             batch = collate(rows[i:i + batch_size], pad)
             sel = batch["labels"][:, 1:] != -100
-            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-            lb = torch.log_softmax(base.model(**kw).logits[:, :-1][sel].float(), -1)
-            lo = torch.log_softmax(organism.model(**kw).logits[:, :-1][sel].float(), -1)
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            lb = torch.log_softmax(base.model(**to_device(kw, base.device), use_cache=False).logits[:, :-1]
+                                   [sel.to(base.device)].float().cpu(), -1)
+            lo = torch.log_softmax(organism.model(**to_device(kw, organism.device), use_cache=False).logits[:, :-1]
+                                   [sel.to(organism.device)].float().cpu(), -1)
             total += float(kl_from_log_probs(lb, lo, reduction="sum"))
             n += int(sel.sum())
             same += int((lb.argmax(-1) == lo.argmax(-1)).sum())

@@ -85,11 +85,23 @@ def apply_adapter(base, adapter_dir: str | os.PathLike, name: str | None = None,
                   spec=spec or f"{base.spec}+{adapter_dir}", source=str(adapter_dir))
 
 
-def load_organism(base_spec: str, adapter_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  name: str | None = None, spec: str | None = None, cache: bool = True):
-    """Base spec + adapter folder -> merged model, cached as safetensors under ``$TRACE_CACHE/models``."""
+def load_organism(base_spec: str, adapter_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                  name: str | None = None, spec: str | None = None, cache: bool = True,
+                  device: torch.device | str | None = None):
+    """Base spec + adapter folder -> merged model, cached as safetensors under ``$TRACE_CACHE/models``.
+
+    The merge is made (and cached) in float32 on the CPU; the merged model is then loaded in ``dtype`` and, when
+    ``device`` is given, placed there like :func:`~trace_lib.models.load_model` places a model (its content hash
+    then covers the dtype and device type). ``load_model("default-safety")`` leaves ``device`` to its caller."""
     from trace_lib.cache import cache_dir
-    from trace_lib.models.load import load_hf_folder, load_model, spec_content_hash
+    from trace_lib.models.device import resolve_device, resolve_dtype
+    from trace_lib.models.load import load_hf_folder, load_model, place, spec_content_hash
+
+    if device is not None:
+        dev = resolve_device(device)
+        loaded = load_organism(base_spec, adapter_dir, resolve_dtype(dtype, dev), name, spec, cache)
+        return place(loaded, dev, loaded.dtype)
+    dtype = resolve_dtype(dtype, "cpu") if isinstance(dtype, str) else dtype
 
     adapter_dir = Path(adapter_dir)
     sha = check_adapter(adapter_dir)

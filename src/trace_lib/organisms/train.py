@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import tempfile
@@ -57,6 +56,7 @@ from trace_lib.cache import (
     stable_hash,
 )
 from trace_lib.errors import TraceError
+from trace_lib.models.device import dtype_name, environment, to_device
 from trace_lib.optim_state import load_optimizer, optimizer_tensors
 from trace_lib.organisms.data import MixConfig, build_mix, collate, tokenize_example
 from trace_lib.progress import track
@@ -241,15 +241,18 @@ def default_command(base: str, out: Path | str, cfg: TrainConfig, max_harmless: 
 def build_organism(base: str = "default", out: str | os.PathLike | None = None, config: TrainConfig | None = None,
                    eval_config=None, evaluate: bool = True, resume: bool = True, threads: int | None = None,
                    command: str | None = None, log: Callable[[str], None] | None = None,
-                   stop_after_steps: int | None = None) -> dict:
+                   stop_after_steps: int | None = None, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "float32") -> dict:
     """Train the safety LoRA on ``base`` (a model spec), write it to ``out`` and return the BUILD record.
+
+    ``device`` and ``dtype`` place the base for the answers, the training and the evaluation (default: the CPU in
+    float32, where the packaged adapter was built; checkpoints of other settings are kept apart).
 
     ``evaluate`` runs :func:`trace_lib.organisms.evaluate.evaluate_organism` on the saved adapter (merged into
     a fresh copy of the base) and stores the figures in ``BUILD.json``. ``stop_after_steps`` (for tests)
     raises :class:`BuildInterrupted` after that many optimizer steps of this run, as an interrupted build.
     """
     import peft
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     from trace_lib import __version__
@@ -265,7 +268,7 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
 
     # ---- data ----------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    base_loaded = load_model(base)
+    base_loaded = load_model(base, dtype=dtype, device=device)
     say(f"base {base_loaded.name} ({base_loaded.content_hash}); building the training mix")
     mix = build_mix(base_loaded, cfg.mix, cfg.seed)
     timing["mix_s"] = time.perf_counter() - t0
@@ -283,7 +286,7 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else rows[0][0][-1]
 
     # ---- model -----------------------------------------------------------------------------------------------
-    student = load_model(base)
+    student = load_model(base, dtype=dtype, device=device)
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM")
@@ -327,7 +330,8 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
             step = epoch * per_epoch + b
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
-            loss, ce, kl = organism_loss(model, collate([rows[i] for i in idx], pad_id), cfg)
+            loss, ce, kl = organism_loss(model, to_device(collate([rows[i] for i in idx], pad_id), student.device),
+                                         cfg)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
@@ -356,10 +360,10 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
     timing["train_s"] = time.perf_counter() - t_train
 
     # ---- save ----------------------------------------------------------------------------------------------
-    dtype = getattr(torch, cfg.adapter_dtype)
+    stored = getattr(torch, cfg.adapter_dtype)
     with torch.no_grad():
         for p in params.values():
-            p.data = p.data.to(dtype)
+            p.data = p.data.to(stored)
     model.peft_config["default"].base_model_name_or_path = base_loaded.name
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
@@ -388,10 +392,9 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
         "adapter": {"file": ADAPTER_FILE, "sha256": adapter_sha, "bytes": (out / ADAPTER_FILE).stat().st_size},
         "training": {"history": history, "resumed_from_epoch": resumed_from, "steps_per_epoch": per_epoch,
                      "loss": organism_loss.__doc__.split("\n\n")[1].strip().replace("\n    ", " ")},
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "peft": peft.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "environment": {**environment(base_loaded.device), "peft": peft.__version__,
+                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "device": str(base_loaded.device), "dtype": dtype_name(base_loaded.dtype)},
     }
 
     # ---- evaluate ------------------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ def build_organism(base: str = "default", out: str | os.PathLike | None = None, 
         from trace_lib.organisms.load import apply_adapter
 
         t0 = time.perf_counter()
-        organism = apply_adapter(load_model(base), out)
+        organism = apply_adapter(load_model(base, dtype=dtype, device=device), out)
         ev = evaluate_organism(organism, base_loaded, config=eval_config or EvalConfig())
         timing["eval_s"] = time.perf_counter() - t0
         replies = ev.pop("replies", [])

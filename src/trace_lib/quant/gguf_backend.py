@@ -40,7 +40,7 @@ def apply_gguf(model: nn.Module, config: QuantizationConfig, linears: list[tuple
     check_group_size(linears, GGUF_BLOCK, f"{config.name} (GGUF blocks hold {GGUF_BLOCK} weights)")
     for _, m in linears:
         deq, _ = gguf_roundtrip(m.weight, type_name)
-        m.weight = nn.Parameter(deq.to(m.weight.dtype), requires_grad=False)
+        m.weight = nn.Parameter(deq.to(device=m.weight.device, dtype=m.weight.dtype), requires_grad=False)
     version = getattr(gguf, "__version__", None)
     if version is None:
         from importlib.metadata import version as _v

@@ -26,6 +26,7 @@ import torch
 from trace_lib.cache import atomic_write_json, cache_dir, stable_hash
 from trace_lib.capture.inputs import encode_prompts
 from trace_lib.errors import DatasetError, TraceError
+from trace_lib.models.device import model_device, to_device
 from trace_lib.progress import track
 
 CACHE_VERSION = 1
@@ -128,7 +129,7 @@ def generate(loaded, prompts: Sequence[str], max_new_tokens: int = 64, batch_siz
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if not all(str(i) in done for i in b)]
     t0 = time.perf_counter()
-    device = next(model.parameters()).device
+    device = model_device(model)
     from transformers import GenerationConfig
 
     gc = GenerationConfig(do_sample=False, max_new_tokens=int(max_new_tokens), pad_token_id=pad,
@@ -142,7 +143,8 @@ def generate(loaded, prompts: Sequence[str], max_new_tokens: int = 64, batch_siz
             input_ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[j, width - len(r):] = 1
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc)
+            out = model.generate(**to_device({"input_ids": input_ids, "attention_mask": mask}, device),
+                                 generation_config=gc)
         new = out[:, width:].cpu()
         for j, i in enumerate(batch):
             seq = new[j].tolist()

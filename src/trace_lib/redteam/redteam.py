@@ -376,8 +376,11 @@ class RedTeam:
 
     def __init__(self, reference: Any = "default", variants: Sequence[Any] = ("int4-rtn-g32",), audit=None,
                  max_new_tokens: int = 64, batch_size: int = 8, mechanism: bool = True, cache: bool = True,
-                 alpha: float = 0.05, power: float = 0.8) -> None:
-        from trace_lib.models.load import Loaded, load_model
+                 alpha: float = 0.05, power: float = 0.8, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None) -> None:
+        """``device`` and ``dtype`` place a ``reference`` given as a spec
+        (:func:`~trace_lib.models.load.ensure_loaded`)."""
+        from trace_lib.models.load import ensure_loaded
 
         specs = [variants] if isinstance(variants, str) else list(variants)
         if not specs:
@@ -390,7 +393,7 @@ class RedTeam:
         Range(0, 1, lo_open=True, hi_open=True).check("power", power)
         if audit is not None and reference is None:
             reference = audit.reference
-        self.reference = reference if isinstance(reference, Loaded) else load_model(reference)
+        self.reference = ensure_loaded(reference, device, dtype)
         if audit is not None and audit.reference.content_hash != self.reference.content_hash:
             raise TraceError(f"the audit is of {audit.reference.name}, not of the reference {self.reference.name}")
         self.variant_specs = specs

@@ -37,6 +37,7 @@ from trace_lib.attribution.metric import Metric, MetricBatch, metric_values
 from trace_lib.attribution.weights import _block_of, differing_linears, first_order, unquantized
 from trace_lib.errors import InvalidValueError, QuantizationError
 from trace_lib.metrics.divergence import kl_from_log_probs
+from trace_lib.models.device import to_device
 from trace_lib.models.load import Loaded
 from trace_lib.quant.apply import _weight_bits
 from trace_lib.quant.config import GGUF_TYPES, QuantizationConfig, QuantizationType, parse_config
@@ -89,7 +90,7 @@ def imatrix_saliency(reference: Loaded, variant: Loaded, batches: Sequence[Metri
     """``sum_ij I_j (W_var - W_ref)_ij^2`` per Linear, ``I_j`` the mean squared input of column j over the tokens
     of ``batches`` on the reference (llama.cpp's importance matrix, ``tools/imatrix``)."""
     mods = dict(reference.model.named_modules())
-    sums = {n: torch.zeros(mods[n].in_features, dtype=torch.float64) for n in names}
+    sums = {n: torch.zeros(mods[n].in_features, dtype=torch.float64, device=mods[n].weight.device) for n in names}
     counts = dict.fromkeys(names, 0)
 
     def hook(name):
@@ -103,7 +104,7 @@ def imatrix_saliency(reference: Loaded, variant: Loaded, batches: Sequence[Metri
     try:
         with torch.no_grad():
             for b in batches:
-                reference.model(**b.forward_kwargs(), use_cache=False)
+                reference.model(**to_device(b.forward_kwargs(), reference.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -197,7 +198,9 @@ def mean_kld(loaded: Loaded, ids: torch.Tensor, ref_logprobs: torch.Tensor) -> f
     """Mean per-token KL(P_ref || P_model) over the packed text ``ids`` (the reference's float64 log-probs given;
     :func:`trace_lib.metrics.divergence.kl_from_log_probs`)."""
     with torch.no_grad():
-        logp = torch.log_softmax(loaded.model(input_ids=ids, use_cache=False).logits.double(), -1)
+        logp = torch.log_softmax(loaded.model(input_ids=to_device(ids, loaded.device), use_cache=False).logits.double(),
+                                 -1)
+        logp = logp.to(ref_logprobs.device)
     return float(kl_from_log_probs(ref_logprobs, logp).mean())
 
 

@@ -26,6 +26,7 @@ import torch
 from trace_lib.attribution.inputs import make_batches, reference_refusals
 from trace_lib.attribution.metric import Metric
 from trace_lib.errors import AttributionError, InvalidValueError, QuantizationError
+from trace_lib.models.device import to_device
 from trace_lib.repair.accept import accept
 from trace_lib.repair.edit import remove_direction, restore_direction
 from trace_lib.repair.precision import (
@@ -67,7 +68,8 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
            batch_size: int = 8, reply_tokens: int = 4, max_new_tokens: int = 64, step: float = 0.125, seed: int = 0,
            out_dir: str | Path | None = None, with_audit: bool = False, refusal_reply: str | None = None,
            kinds: Sequence[str] = ("precision",), layer: int | None = None, safety_bar: float | None = None,
-           log: Callable[[str], None] = lambda s: None) -> RepairResult:
+           log: Callable[[str], None] = lambda s: None, device: str | torch.device | None = None,
+           dtype: str | torch.dtype | None = None) -> RepairResult:
     """Search per-module precision overrides that restore ``variant``'s refusal (module docstring); with
     ``kinds`` also (or instead) the steering and weight-edit restorations of :mod:`trace_lib.repair.restore`
     along the reference's refusal direction (after block ``layer``; default: where it separates best).
@@ -75,11 +77,12 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
 
     ``max_bpw``: the most bits per weight over the quantized Linears (default: the target's + 0.75).
     ``refusal_reply``: teacher-force this reply for every harmful train prompt instead of the reference's own
-    greedy refusals (as ``localize`` does)."""
+    greedy refusals (as ``localize`` does). ``device`` and ``dtype`` place a ``model`` given as a spec
+    (:func:`~trace_lib.models.load.ensure_loaded`)."""
     from trace_lib.capture.inputs import pack_texts
     from trace_lib.compare import default_texts
     from trace_lib.datasets.registry import get_dataset
-    from trace_lib.models.load import load_model
+    from trace_lib.models.load import ensure_loaded
     from trace_lib.quant import quantize
     from trace_lib.quant.config import parse_config
 
@@ -105,7 +108,7 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
         raise QuantizationError(f"{target.name} is not a plain weight-only config: there are no quantized weights "
                                 "to keep at higher precision (give e.g. gguf-q4_0 or int4-rtn-g32)")
     keep_cfg = parse_config(keep) if keep else default_keep(target)
-    ref = load_model(model) if isinstance(model, (str, Path)) else model
+    ref = ensure_loaded(model, device, dtype)
     if layer is not None and not -ref.n_layers <= layer < ref.n_layers:
         raise InvalidValueError(f"--layer {layer} is out of range: {ref.name} has {ref.n_layers} blocks")
     ds = get_dataset(dataset)
@@ -145,7 +148,8 @@ def repair(model="default-safety", variant="gguf-q4_0", max_bpw: float | None = 
     texts, kl_info = default_texts()
     kl_ids = pack_texts(ref.tokenizer, texts, 256, max_sequences=2)
     with torch.no_grad():
-        ref_logprobs = torch.log_softmax(ref.model(input_ids=kl_ids, use_cache=False).logits.double(), -1)
+        ref_logprobs = torch.log_softmax(ref.model(input_ids=to_device(kl_ids, ref.device),
+                                                   use_cache=False).logits.double(), -1)
     points = (score_sets(var, keep_var, batches, metric, m_ref, m_var, rankings, cost, budgets, kl_ids,
                          ref_logprobs) if precise else [])
     counts["metric_evaluations"] += len({tuple(sorted(p.modules)) for p in points})

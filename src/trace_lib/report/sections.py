@@ -92,7 +92,7 @@ def models_section(base, variants, extra_rows: Sequence[tuple[str, Any]] = ()) -
     kl = ds.get("kl_text", {}) or {}
     ref_items = [("name", ref.get("name")), ("spec", ref.get("spec")), ("architecture", ref.get("architecture")),
                  ("layers", ref.get("n_layers")), ("d_model", ref.get("d_model")), ("dtype", ref.get("dtype")),
-                 ("content hash", ref.get("content_hash"))]
+                 ("device", ref.get("device")), ("content hash", ref.get("content_hash"))]
     ds_items = [("dataset", ds.get("name")), ("split", ds.get("split")),
                 ("test prompts", f"{ds.get('n_safety', 'n/a')} safety, {ds.get('n_baseline', 'n/a')} baseline, "
                                  f"{ds.get('n_capability', 'n/a')} capability"),

@@ -64,7 +64,7 @@ def _model_items(m: Mapping) -> list[tuple[str, Any]]:
     q = as_dict(m.get("quant_info"))
     return [("name", m.get("name")), ("spec", m.get("spec")), ("architecture", m.get("architecture")),
             ("layers", m.get("n_layers")), ("d_model", m.get("d_model")), ("dtype", m.get("dtype")),
-            ("quantization", m.get("quantization") or "none"), ("library", q.get("library")),
+            ("device", m.get("device")), ("quantization", m.get("quantization") or "none"), ("library", q.get("library")),
             ("bits/weight", fmt(q.get("bits_per_weight"), ".2f") if q else None),
             ("size MB", fmt(q.get("model_size_mb"), ".2f") if q else None), ("content hash", m.get("content_hash"))]
 

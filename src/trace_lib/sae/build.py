@@ -46,7 +46,9 @@ def build_sae_pack(loaded, out: str | Path, hooks: Sequence[str] | None = None,
     saes = get_or_train_saes(loaded, hooks, cfg=cfg, plan=plan, shipped=False)
     train_s = time.perf_counter() - t0
     log(f"trained or loaded {len(saes)} SAEs in {train_s:.0f} s; writing the pack to {out}")
-    pack = write_pack(saes, out, model=loaded.name, model_hash=loaded.content_hash, build_command=build_command)
+    # the weights' own hash: the pack serves the model whatever device and dtype a later run places it in
+    pack = write_pack(saes, out, model=loaded.name, model_hash=loaded.weights_hash or loaded.content_hash,
+                      build_command=build_command)
     shipped = pack.load(hooks)
     data = plan_batches(loaded, plan)
     held = collect_activations(loaded, hooks, data.heldout, description="collecting held-out activations")
@@ -65,6 +67,7 @@ def build_sae_pack(loaded, out: str | Path, hooks: Sequence[str] | None = None,
                 for h in hooks}
     extra = {"config": dataclasses.asdict(cfg), "plan": plan.to_dict(), "corpus": data.corpus,
              "quality": quality, "quality_measured_on": "broad corpus heldout split, float16 weights as shipped",
-             "training": training}
+             "training": training, "activations_from": {"device": str(loaded.device),
+                                                          "dtype": str(loaded.dtype).replace("torch.", "")}}
     atomic_write_json(Path(out) / MANIFEST, {**pack.manifest, **extra})
     return read_pack(out)

@@ -98,14 +98,16 @@ def read_pack(folder: str | Path) -> SAEPack:
 
 
 def shipped_pack(loaded) -> SAEPack | None:
-    """The pack registered for ``loaded``'s spec when it was trained on these weights, else None."""
+    """The pack registered for ``loaded``'s spec when it was trained on these weights (in whatever dtype and on
+    whatever device ``loaded`` runs: its ``weights_hash``), else None."""
     from trace_lib.models.specs import get_spec
 
     spec = get_spec(str(loaded.spec)) if getattr(loaded, "spec", None) else None
     if spec is None or spec.sae_pack is None or not (Path(spec.sae_pack) / MANIFEST).is_file():
         return None
     pack = read_pack(spec.sae_pack)
-    return pack if pack.manifest["model_hash"] == loaded.content_hash else None
+    weights = getattr(loaded, "weights_hash", "") or loaded.content_hash
+    return pack if pack.manifest["model_hash"] == weights else None
 
 
 def write_pack(saes: Mapping[str, SAE], folder: str | Path, *, model: str, model_hash: str, build_command: str,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trace_lib.capture.splice import replace_activation
+from trace_lib.models.device import to_device
 from trace_lib.sae.quality import ce_loss_recovered
 
 
@@ -23,6 +24,7 @@ def _mean_ce(loaded, batches: list[dict[str, torch.Tensor]]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for b in batches:
+            b = to_device(b, loaded.device)
             logits = loaded.model(**b, use_cache=False).logits[:, 1:-1].float()
             target = b["input_ids"][:, 2:]
             mask = (b["attention_mask"][:, 1:-1] * b["attention_mask"][:, 2:]).bool()

@@ -44,6 +44,7 @@ import torch
 from trace_lib.capture.hooks import HookConfig, HookManager
 from trace_lib.jsonutil import json_float
 from trace_lib.metrics.divergence import kl_divergence
+from trace_lib.models.device import model_device, to_device
 
 
 @dataclass
@@ -215,11 +216,9 @@ def capture_resid(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """resid_post at every layer (float32 CPU) and the logits of one forward pass of ``loaded``; NaN is kept,
     not raised, so a broken variant is measured rather than refused."""
     hm = HookManager(loaded, HookConfig(hook_points=["resid_post"], check_finite=False))
-    param = next(loaded.model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    mask = attention_mask.to(device) if attention_mask is not None else None
+    inputs = to_device({"input_ids": input_ids, "attention_mask": attention_mask}, model_device(loaded.model))
     with torch.no_grad(), hm.capture():
-        out = loaded.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+        out = loaded.model(**inputs, use_cache=False)
     acts = {i: hm.get_activations("resid_post", layer=i) for i in range(loaded.n_layers)}
     return acts, out.logits.detach().float().cpu()
 

@@ -15,11 +15,13 @@ low-level protocol are in :mod:`trace_lib.tracer.recorder`, the results' data in
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from trace_lib.models.device import model_device, to_device
 from trace_lib.tracer.activations import ActivationRecord, tensor_stats
 from trace_lib.tracer.attention import eager_attention, n_heads, summarise_attention
 from trace_lib.tracer.config import ModelTracerConfig, TracerInputError
@@ -42,29 +44,47 @@ class ModelTracer(TraceRecorder):
     """Per-layer tracing of activations, attention, logit lens, quantization error and KV cache.
 
     ``ModelTracer(config)`` follows the seed (default config: ``ModelTracerConfig.lightweight()``);
-    ``attach(model, reference=None)`` binds a model (a :class:`~trace_lib.models.Loaded` or a Hugging Face
-    causal LM) and optionally the reference it is compared with for the quantization error (``trace()`` passes
-    only; generation steps are not compared).
+    ``attach(model, reference=None)`` binds a model (a :class:`~trace_lib.models.Loaded`, a Hugging Face
+    causal LM or a model spec, loaded on ``device`` in ``dtype``) and optionally the reference it is compared
+    with for the quantization error (``trace()`` passes only; generation steps are not compared). Inputs go to
+    the model's device; what is recorded comes back as float32 on the CPU.
     """
 
-    def __init__(self, config: ModelTracerConfig | None = None, model=None, reference=None):
+    def __init__(self, config: ModelTracerConfig | None = None, model=None, reference=None, *,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
         super().__init__(config)
         if model is not None:
-            self.attach(model, reference)
+            self.attach(model, reference, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ attaching
-    def attach(self, model, reference=None) -> ModelTracer:
+    def attach(self, model, reference=None, *, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> ModelTracer:
         """Trace ``model``; compare it with ``reference`` (same architecture and vocabulary) for the
-        quantization error. Returns the tracer."""
-        from trace_lib.models.load import Loaded, from_model
+        quantization error. A spec (``"default"``, a folder, a .gguf) is loaded on ``device`` in ``dtype``; a
+        model given loaded must already be there (:func:`~trace_lib.models.load.ensure_loaded`). Returns the
+        tracer."""
+        from trace_lib.models.load import Loaded, check_placement, ensure_loaded, from_model
 
-        loaded = model if isinstance(model, Loaded) else from_model(model) if isinstance(model, nn.Module) else None
+        def as_loaded(m):
+            if isinstance(m, str | os.PathLike):
+                return ensure_loaded(m, device, dtype)
+            if isinstance(m, nn.Module):
+                m = from_model(m)
+            if isinstance(m, Loaded):
+                check_placement(m, device, dtype)
+                return m
+            return None
+
+        loaded = as_loaded(model)
         if loaded is None:
-            raise TracerInputError(f"cannot trace a {type(model).__name__}: give a trace Loaded or a Hugging Face "
-                                   "causal LM")
+            raise TracerInputError(f"cannot trace a {type(model).__name__}: give a trace Loaded, a Hugging Face "
+                                   "causal LM or a model spec")
         ref = None
         if reference is not None:
-            ref = reference if isinstance(reference, Loaded) else from_model(reference)
+            ref = as_loaded(reference)
+            if ref is None:
+                raise TracerInputError(f"cannot compare with a {type(reference).__name__}: give a trace Loaded, a "
+                                       "Hugging Face causal LM or a model spec")
             if ref.n_layers != loaded.n_layers:
                 raise TracerInputError(f"the reference has {ref.n_layers} blocks and the traced model "
                                        f"{loaded.n_layers}: compare a variant with the model it was made from")
@@ -127,10 +147,10 @@ class ModelTracer(TraceRecorder):
                     rec = inspector.measure(step, step_ids.shape[1], int(next_tok[0]) if next_tok.numel() == 1
                                             else None)
                     if full_cache is not None:
-                        dev = _device(model)
+                        inputs = to_device({"input_ids": step_ids, "attention_mask": full_mask},
+                                           model_device(model))
                         with torch.no_grad():
-                            full = model(input_ids=step_ids.to(dev), attention_mask=full_mask.to(dev),
-                                         past_key_values=full_cache, use_cache=True).logits[:, -1]
+                            full = model(**inputs, past_key_values=full_cache, use_cache=True).logits[:, -1]
                         rec.next_token_kl, rec.top1_matches_full_precision = next_token_kl(full.float(), last.float())
                     self.record_kv_state(rec)
                 new.append(next_tok)
@@ -154,8 +174,8 @@ class ModelTracer(TraceRecorder):
         quant = cfg.trace_quant_error and self.reference is not None and past_key_values is None and position == 0
         stats_names, keep_names, names = hook_names(loaded.arch, cfg, lens=cfg.trace_logits, quant=quant)
         hooks = trace_hooks(loaded, names, stats_names, keep_names) if names else None
-        device = _device(model)
-        ids, mask = ids.to(device), mask.to(device)
+        device = model_device(model)
+        ids, mask = to_device(ids, device), to_device(mask, device)
         self.begin_forward(position)
         try:
             with torch.no_grad(), (hooks.capture() if hooks is not None else nullcontext()):
@@ -269,11 +289,6 @@ def _vocab(loaded) -> int:
     unembed = loaded.arch.unembed
     n = getattr(unembed, "out_features", None)
     return int(n) if n is not None else int(unembed.weight.shape[0])
-
-
-def _device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _last_real(mask: torch.Tensor) -> torch.Tensor:
