@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_loaded
 from trace_lib.attribution.graph import MAX_GRAPH_TOKENS, attribute
 from trace_lib.attribution.graph_targets import CustomTarget, logit_difference
 from trace_lib.attribution.replacement import real_pass, reconstruction_errors, replacement_logits
 from trace_lib.attribution.transcoder import Transcoder, TranscoderSet
 from trace_lib.attribution.transcoder_train import train_transcoders
 from trace_lib.errors import GraphError, TranscoderError, UnsupportedArchitectureError
+
+from conftest import tiny_loaded
 
 PROMPT = [3, 17, 42, 99, 5, 64, 23, 81, 11, 7]
 

@@ -235,7 +235,7 @@ class _RowEngine:
         self.embeds = rp.embeds.unsqueeze(0).expand(batch, -1, -1).clone().requires_grad_(True)
         self.leaves = [r.to(dtype).unsqueeze(0).expand(batch, -1, -1).clone().requires_grad_(True)
                        for r in nodes.rest]
-        with torch.enable_grad(), frozen(loaded, rp, lambda l, x: transcoders[l].skip(x) + self.leaves[l]) as run:
+        with torch.enable_grad(), frozen(loaded, rp, lambda i, x: transcoders[i].skip(x) + self.leaves[i]) as run:
             run_embeds(loaded, self.embeds)
         self.reads = [*run.mlp_in, run.final]  # index n_layers: the final norm's output
         self.embed_vecs = rp.embeds.float()
@@ -292,7 +292,7 @@ def attribute(loaded, transcoders: TranscoderSet, prompt: str | list[int] | torc
     n_layers, n_pos, n_active = loaded.n_layers, len(ids), len(nodes.active)
 
     # The constant term: every source set to zero.
-    with torch.no_grad(), frozen(loaded, rp, lambda l, x: transcoders[l].skip(x) + nodes.const[l]) as zrun:
+    with torch.no_grad(), frozen(loaded, rp, lambda i, x: transcoders[i].skip(x) + nodes.const[i]) as zrun:
         run_embeds(loaded, torch.zeros_like(rp.embeds).unsqueeze(0))
     layer, pos, feat = nodes.active.unbind(1) if n_active else (torch.zeros(0, dtype=torch.long),) * 3
     b_enc = torch.stack([transcoders[int(li)].b_enc[int(fi)] for li, fi in zip(layer, feat)]) if n_active \

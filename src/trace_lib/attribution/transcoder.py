@@ -224,24 +224,31 @@ class TranscoderSet(nn.Module):
         return folder
 
 
+def _read_flat(path: Path, text: str) -> dict:
+    """The flat ``key: value`` form trace writes, read without PyYAML (values are JSON scalars or bare words)."""
+    out: dict = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or line.startswith((" ", "-")):
+            raise TranscoderError(f"{path}: cannot read line {line!r} without PyYAML (pip install pyyaml)")
+        value = value.strip()
+        try:
+            out[key.strip()] = json.loads(value) if value else None
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _read_config(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     try:
         import yaml
-    except ImportError:  # PyYAML is optional: read the flat `key: value` form trace writes
-        out: dict = {}
-        for line in text.splitlines():
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            key, sep, value = line.partition(":")
-            if not sep:
-                raise TranscoderError(f"{path}: cannot read line {line!r} without PyYAML (pip install pyyaml)")
-            value = value.strip()
-            try:
-                out[key.strip()] = json.loads(value) if value else None
-            except json.JSONDecodeError:
-                out[key.strip()] = value
-        return out
+    except ImportError:  # PyYAML is optional (trace's own config files are flat)
+        yaml = None
+    if yaml is None:
+        return _read_flat(path, text)
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
