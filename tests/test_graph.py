@@ -75,6 +75,20 @@ def test_rows_sum_to_values(arch, kw):
     assert not graph.adjacency[graph.error_start:graph.logit_start].any()
 
 
+def test_rows_exact_with_position_zero_and_with_no_features(llama, tcs):
+    graph = attribute(llama, tcs, PROMPT, zero_first_position=False)
+    assert any(graph.feature(i)[1] == 0 for i in range(graph.n_features))
+    rows = _rows(graph)
+    assert torch.allclose(graph.adjacency[rows].sum(1) + graph.bias[rows],
+                          _independent_values(llama, tcs, graph), atol=1e-4)
+    silent = TranscoderSet([Transcoder(32, 8, i) for i in range(3)])  # all-zero weights: nothing fires
+    graph = attribute(llama, silent, PROMPT)
+    assert graph.n_features == 0 and graph.adjacency[graph.logit_start:, graph.error_start:graph.token_start].any()
+    rows = _rows(graph)
+    assert torch.allclose(graph.adjacency[rows].sum(1) + graph.bias[rows],
+                          _independent_values(llama, silent, graph), atol=1e-4)
+
+
 def test_custom_target_and_logit_difference(llama, tcs):
     diff = logit_difference(llama, 5, 9)
     graph = attribute(llama, tcs, PROMPT, targets=[diff, CustomTarget("u", 0.5, torch.ones(llama.d_model))])

@@ -196,6 +196,7 @@ class _Nodes:
     pre: torch.Tensor  # [n_active]
     enc: torch.Tensor  # [n_active, d] encoder vectors (what a feature's pre-activation reads)
     dec: torch.Tensor  # [n_active, d] a * W_dec[f] (what a feature writes)
+    b_enc: torch.Tensor  # [n_active]
     errors: torch.Tensor  # [n_layers, n_pos, d]
     rest: list[torch.Tensor]  # per layer [n_pos, d]: real mlp_out - skip(x), everything but the skip
     const: list[torch.Tensor]  # per layer [n_pos, d]: the part of `rest` that is no node (b_dec; position 0)
@@ -219,18 +220,22 @@ def _nodes(rp, transcoders: TranscoderSet, zero: int) -> _Nodes:
     active = acts.nonzero()  # row-major: sorted by (layer, pos, feature)
     layer, pos, feat = active.unbind(1)
     a = acts[layer, pos, feat]
-    enc = torch.stack([transcoders[int(li)].W_enc[:, int(fi)] for li, fi in zip(layer, feat)]) if len(active) \
-        else torch.zeros(0, transcoders.d_model)
-    dec = torch.stack([transcoders[int(li)].W_dec[int(fi)] for li, fi in zip(layer, feat)]) * a[:, None] \
-        if len(active) else torch.zeros(0, transcoders.d_model)
-    return _Nodes(active, a, pres[layer, pos, feat], enc.detach(), dec.detach(), torch.stack(errors), rest, const)
+    enc = torch.zeros(len(active), transcoders.d_model, device=acts.device)
+    dec = torch.zeros_like(enc)
+    b_enc = torch.zeros(len(active), device=acts.device)
+    for i, tc in enumerate(transcoders):
+        m = layer == i
+        enc[m] = tc.W_enc.detach()[:, feat[m]].T
+        dec[m] = tc.W_dec.detach()[feat[m]] * a[m, None]
+        b_enc[m] = tc.b_enc.detach()[feat[m]]
+    return _Nodes(active, a, pres[layer, pos, feat], enc, dec, b_enc, torch.stack(errors), rest, const)
 
 
 class _RowEngine:
     """The frozen forward pass with B prompt copies, kept alive; :meth:`rows` runs one backward per batch."""
 
     def __init__(self, loaded, transcoders: TranscoderSet, rp, nodes: _Nodes, batch: int) -> None:
-        self.nodes, self.batch, self.n_layers = nodes, batch, loaded.n_layers
+        self.nodes, self.n_layers = nodes, loaded.n_layers
         dtype = rp.embeds.dtype
         self.embeds = rp.embeds.unsqueeze(0).expand(batch, -1, -1).clone().requires_grad_(True)
         self.leaves = [r.to(dtype).unsqueeze(0).expand(batch, -1, -1).clone().requires_grad_(True)
@@ -248,14 +253,14 @@ class _RowEngine:
         objective = 0
         for layer in layers.unique().tolist():
             idx = (layers == layer).nonzero().flatten()
-            read = self.reads[layer][idx.to(self.embeds.device), positions[idx].to(self.embeds.device)]
+            read = self.reads[layer][idx.to(self.device), positions[idx].to(self.device)]
             objective = objective + (read * vecs[idx].to(read)).sum()
         grads = torch.autograd.grad(objective, [self.embeds, *self.leaves], retain_graph=True, allow_unused=True)
         g_embed = grads[0]
         g_mlp = [g if g is not None else torch.zeros_like(self.leaves[0]) for g in grads[1:]]
         nodes = self.nodes
         n_pos = self.embeds.shape[1]
-        feat_cols = torch.zeros(k, len(nodes.active), device=self.embeds.device)
+        feat_cols = torch.zeros(k, len(nodes.active), device=self.device)
         for layer in range(self.n_layers):
             sel = (nodes.active[:, 0] == layer).nonzero().flatten()
             if len(sel):
@@ -294,11 +299,8 @@ def attribute(loaded, transcoders: TranscoderSet, prompt: str | list[int] | torc
     # The constant term: every source set to zero.
     with torch.no_grad(), frozen(loaded, rp, lambda i, x: transcoders[i].skip(x) + nodes.const[i]) as zrun:
         run_embeds(loaded, torch.zeros_like(rp.embeds).unsqueeze(0))
-    layer, pos, feat = nodes.active.unbind(1) if n_active else (torch.zeros(0, dtype=torch.long),) * 3
-    b_enc = torch.stack([transcoders[int(li)].b_enc[int(fi)] for li, fi in zip(layer, feat)]) if n_active \
-        else torch.zeros(0)
-    feat_bias = ((torch.stack([zrun.mlp_in[int(li)][0, int(p)] for li, p in zip(layer, pos)]).float()
-                  * nodes.enc).sum(-1) + b_enc).cpu() if n_active else torch.zeros(0)
+    layer, pos, _ = nodes.active.unbind(1)
+    feat_bias = ((torch.stack(zrun.mlp_in)[:, 0][layer, pos].float() * nodes.enc).sum(-1) + nodes.b_enc).cpu()
     logit_bias = tg.vectors @ zrun.final[0, -1].float().cpu() + tg.biases
     logit_values = tg.vectors @ rp.final[-1].float().cpu() + tg.biases
 

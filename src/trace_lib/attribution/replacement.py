@@ -127,7 +127,7 @@ def real_pass(loaded, ids: torch.Tensor) -> RealPass:
     handles.append(register_hook(arch.final_norm, keep("final"), hook_name="ln_final.hook_normalized", **tag))
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids.view(1, -1), use_cache=False).logits[0].detach()
+            logits = model(input_ids=ids.view(1, -1).to(arch.embed.weight.device), use_cache=False).logits[0].detach()
     finally:
         for h in handles:
             h.remove()
@@ -227,7 +227,7 @@ def replacement_logits(loaded, transcoders: TranscoderSet, ids: torch.Tensor,
                                      kind="replacement", owner=_OWNER))
     try:
         with torch.no_grad():
-            return loaded.model(input_ids=ids.view(1, -1), use_cache=False).logits[0]
+            return loaded.model(input_ids=ids.view(1, -1).to(loaded.arch.embed.weight.device), use_cache=False).logits[0]
     finally:
         for h in handles:
             h.remove()
