@@ -59,6 +59,15 @@ class AttributionError(TraceError):
     """A localisation that cannot run: models that do not match, or a component that does not exist."""
 
 
+class TranscoderError(TraceError):
+    """A transcoder set that cannot be read, or that does not fit the model it is applied to (width, layers)."""
+
+
+class GraphError(AttributionError):
+    """An attribution graph that cannot be built or read: a prompt over the length limit, an empty target set,
+    a graph JSON that breaks the schema."""
+
+
 class NoGapError(AttributionError):
     """Nothing to attribute: the reference refuses none of the prompts, or the variant's gap is not
     distinguishable from zero (its bootstrap interval includes 0)."""
