@@ -197,6 +197,12 @@ def test_reference_untouched_and_variant_is_plain(built):
         quantized = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
         assert set(qparams) == quantized
         assert torch.equal(model.lm_head.weight, ref.model.lm_head.weight)  # skipped by default
+        # What the algorithm left equal is shared with the reference; what it changed is the variant's own.
+        ref_state = ref.model.state_dict()
+        for k, v in model.state_dict().items():
+            same = torch.equal(v, ref_state[k])
+            assert (v.data_ptr() == ref_state[k].data_ptr()) == same, k
+        assert model.model.embed_tokens.weight.data_ptr() == ref.model.model.embed_tokens.weight.data_ptr()
         info = variant.quant_info
         assert info["library"].startswith("llmcompressor 0.14") and "compressed-tensors" in info["library"]
         assert info["path"].startswith("de-quantized " + key.upper())

@@ -89,18 +89,24 @@ def differing_linears(reference, variant) -> list[str]:
 
 @contextmanager
 def unquantized(reference, variant, names: Sequence[str]) -> Iterator[None]:
-    """Inside the block, the variant's Linears ``names`` hold the reference's weights."""
+    """Inside the block, the variant's Linears ``names`` hold the reference's weights.
+
+    Each Linear's weight parameter is swapped for one holding the reference's values (over the reference's own
+    storage when the dtypes agree) and swapped back after: nothing is written in place, since a variant's tensors
+    may share storage with its reference (:func:`trace_lib.quant.apply.shared_copy`)."""
     ref_mods, var_mods = dict(reference.model.named_modules()), dict(variant.model.named_modules())
-    saved = []
+    saved: list[tuple[nn.Module, nn.Parameter]] = []
     try:
         for n in names:
-            w = var_mods[n].weight
-            saved.append((w, w.data.clone()))
-            w.data.copy_(ref_mods[n].weight.data.to(w.dtype))
+            mod = var_mods[n]
+            w = mod.weight
+            saved.append((mod, w))
+            mod.weight = nn.Parameter(ref_mods[n].weight.detach().to(device=w.device, dtype=w.dtype),
+                                      requires_grad=False)
         yield
     finally:
-        for w, data in saved:
-            w.data.copy_(data)
+        for mod, w in reversed(saved):
+            mod.weight = w
 
 
 def _block_of(loaded, name: str) -> int:

@@ -1,4 +1,9 @@
-"""``quantize(loaded, config)``: build a variant of a reference model; the reference is never modified."""
+"""``quantize(loaded, config)``: build a variant of a reference model; the reference is never modified.
+
+A variant shares the storage of every tensor its config leaves as it is (embeddings, norms, skipped Linears,
+biases) with the reference (:func:`shared_copy`); only the tensors the backend changes are new, so building one
+never holds a second full copy of the weights.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from trace_lib.cache import stable_hash
 from trace_lib.errors import QuantizationError
 from trace_lib.models.arch import adapt
 from trace_lib.models.load import Loaded
+from trace_lib.quant.casts import CAST_DTYPES
 from trace_lib.quant.config import (
     CASTS,
     GGUF_BPW,
@@ -27,14 +33,18 @@ from trace_lib.quant.linears import assign_linears, convert_conv1d, quantizable_
 def quantize(loaded: Loaded, config: QuantizationConfig | str) -> Loaded:
     """Return a new :class:`Loaded` holding the quantized variant of ``loaded``.
 
-    The reference model is deep-copied first; its weights are untouched. The variant's ``quant_info``
+    The variant's module tree is a copy of the reference's whose tensors share the reference's storage
+    (:func:`shared_copy`); the backends give each quantized Linear new weights and leave every shared tensor as
+    it is (checked: :func:`_check_untouched`). The variant's ``quant_info``
     records the library and execution path used, the time taken, and the storage the format implies
     (bits per weight, model size; see :func:`storage_report`). A mixed-precision config (one with
     ``overrides``) quantizes each group of Linear layers with its own type (:func:`assign_linears`).
     """
     config = parse_config(config)
     start = time.perf_counter()
-    model = copy.deepcopy(loaded.model)
+    versions = _versions(loaded.model)
+    cast = CAST_DTYPES[config.type] if config.type in CASTS and not config.overrides else None
+    model = shared_copy(loaded.model, cast)
     model.eval()
     convert_conv1d(model)
     quantized: set[str] | dict[str, QuantizationConfig]
@@ -51,12 +61,56 @@ def quantize(loaded: Loaded, config: QuantizationConfig | str) -> Loaded:
 
             info.update(add_activation_fake_quant(linears, config.act_bits))
         quantized = {n for n, _ in linears}
+    _check_untouched(loaded.model, versions, config)
     info["seconds_to_build"] = round(time.perf_counter() - start, 3)
     info.update(storage_report(loaded.model, config, quantized))
     return Loaded(model=model, tokenizer=loaded.tokenizer, arch=adapt(model),
                   content_hash=stable_hash({"ref": loaded.content_hash, "config": config.to_dict()}),
                   name=f"{loaded.name} [{config.name}]", spec=f"{loaded.spec}@{config.name}", source=loaded.source,
                   quant=config, quant_info=info)
+
+
+def shared_copy(model: nn.Module, cast: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers share ``model``'s tensor storage.
+
+    Each plain parameter becomes a new ``nn.Parameter`` over the same storage, each plain buffer a new tensor
+    over it: the copy's modules, and the tensor objects they hold, are its own (rebinding a weight, ``.data =``
+    or ``.to()`` on the copy never reaches ``model``), but no weight is duplicated. With ``cast`` (a whole-model
+    fp16/bf16/fp32 cast) every floating-point parameter and buffer of another dtype is converted instead, which
+    allocates it at the new width only (a deep copy would first clone it at the old one). Tied parameters stay
+    tied. Tensors of other types (quantized tensor subclasses) are deep-copied as before.
+    """
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        if type(p) is nn.Parameter:
+            data = p.detach()
+            if cast is not None and data.is_floating_point() and data.dtype != cast:
+                data = data.to(cast)
+            memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if type(b) is torch.Tensor:
+            data = b.detach()
+            memo[id(b)] = data.to(cast) if cast is not None and data.is_floating_point() else data
+    return copy.deepcopy(model, memo)
+
+
+def _versions(model: nn.Module) -> dict[str, int]:
+    """The in-place version counter of each of ``model``'s tensors (a counter that views and the copies made
+    by :func:`shared_copy` share: any in-place write through them bumps it)."""
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor) and not t.is_inference():
+            out[name] = t._version
+    return out
+
+
+def _check_untouched(reference: nn.Module, before: dict[str, int], config: QuantizationConfig) -> None:
+    """Refuse a variant whose build wrote into the reference's tensors in place (through a shared tensor)."""
+    after = _versions(reference)
+    changed = [n for n, v in before.items() if after.get(n, v) != v]
+    if changed:
+        raise QuantizationError(f"building {config.name} wrote into the reference's {changed[0]} in place "
+                                f"({len(changed)} tensor(s)); the reference is no longer what was loaded")
 
 
 def _apply_one(model: nn.Module, config: QuantizationConfig, linears: list[tuple[str, nn.Linear]],

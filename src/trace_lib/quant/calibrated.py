@@ -12,9 +12,10 @@ Both run llmcompressor's own algorithms on CPU, on a calibration set of packed E
 
 llmcompressor works on its own copy of the model (it attaches observers, hooks and ``weight_scale`` /
 ``weight_zero_point`` parameters). Afterwards each quantized weight is de-quantized with compressed-tensors'
-``fake_quantize`` and written, with every other tensor the algorithm changed (AWQ's rescaled norms), into
-the variant as plain float parameters: the variant keeps the reference's module structure and runs at
-reference speed, with exactly the numerics of the int4 checkpoint llmcompressor would save.
+``fake_quantize`` and given, with every other tensor the algorithm changed (AWQ's rescaled norms), to the
+variant as new plain float parameters (the tensors it left unchanged stay shared with the reference): the
+variant keeps the reference's module structure and runs at reference speed, with exactly the numerics of the
+int4 checkpoint llmcompressor would save. That working copy is a full copy of the weights while it lives.
 
 Calibration settings come from ``config.calibration`` (see :data:`CALIBRATION_DEFAULTS`); they, the
 library versions and a sha256 of the calibration tokens are recorded in ``quant_info["calibration"]``.
@@ -214,6 +215,34 @@ def _dequantized(module: nn.Module) -> torch.Tensor:
         return fake_quantize(module.weight, module.weight_scale, zero, scheme.weights)
 
 
+def _take_changed(model: nn.Module, work_state: dict[str, torch.Tensor], skip: set[str],
+                  config: QuantizationConfig) -> None:
+    """Rebind each tensor of ``model`` (but ``skip``) whose value in ``work_state`` differs to a new tensor of
+    that value; equal ones are left alone. Never writes in place: ``model``'s tensors may share storage with the
+    reference (:func:`trace_lib.quant.apply.shared_copy`). Tied tensors stay tied."""
+    modules = dict(model.named_modules())
+    changed: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key in skip:
+            continue
+        if key not in work_state:
+            raise QuantizationError(f"llmcompressor's model has no tensor {key}; cannot build {config.name}")
+        src = work_state[key]
+        if src.shape != t.shape:
+            raise QuantizationError(f"llmcompressor changed the shape of {key}; cannot build {config.name}")
+        src = src.detach().to(device=t.device, dtype=t.dtype)
+        if id(t) in changed or not torch.equal(src, t):
+            changed.setdefault(id(t), (t, src, []))[2].append(key)
+    for t, src, keys in changed.values():
+        new = nn.Parameter(src, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else src
+        for key in keys:
+            owner, _, attr = key.rpartition(".")
+            if isinstance(t, nn.Parameter):
+                setattr(modules[owner], attr, new)
+            else:
+                modules[owner]._buffers[attr] = new
+
+
 def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list[tuple[str, nn.Linear]],
                      reference, qparams: dict | None = None) -> dict:
     """Quantize ``linears`` of ``model`` (the variant's copy) with GPTQ or AWQ; return the info dict.
@@ -282,20 +311,12 @@ def apply_calibrated(model: nn.Module, config: QuantizationConfig, linears: list
             f"{config.name}: llmcompressor's AWQ found no layers to smooth in {type(model).__name__} (it knows "
             "Llama-, Qwen-, Mistral-, Gemma- and Phi-style blocks); the result would be plain round-to-nearest. "
             "Use int4-gptq for this model")
-    # Copy every tensor the algorithm may have changed (AWQ rescales norms and preceding Linears) ...
+    # Give the variant every tensor the algorithm changed (AWQ rescales norms and preceding Linears) ...
     work_state = {k: v for k, v in work.state_dict().items() if not k.endswith(_QUANT_SUFFIXES)}
     target_modules = dict(model.named_modules())
     quantized_keys = {f"{n}.weight" for n in selected}
     with torch.no_grad():
-        for key, t in model.state_dict(keep_vars=True).items():
-            if key in quantized_keys:
-                continue
-            if key not in work_state:
-                raise QuantizationError(f"llmcompressor's model has no tensor {key}; cannot build {config.name}")
-            src = work_state[key]
-            if src.shape != t.shape:
-                raise QuantizationError(f"llmcompressor changed the shape of {key}; cannot build {config.name}")
-            t.copy_(src.to(device=t.device, dtype=t.dtype))
+        _take_changed(model, work_state, quantized_keys, config)
         # ... then the de-quantized int4 weights, as new parameters (a tied embedding stays float).
         for n in sorted(selected):
             target = target_modules[n]
