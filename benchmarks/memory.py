@@ -2,7 +2,7 @@
 as multiples of the reference's weight bytes.
 
 Usage: python benchmarks/memory.py [--model default-safety] [--variant gguf-q4_0] [--extra gemma3-270m]
-                                   [--no-audit] [--cache DIR]
+                                   [--no-audit] [--cache DIR] [--where]
 
 Every measurement runs in a fresh subprocess; its peak RSS is the child's ``ru_maxrss`` as ``os.wait4`` reports
 it for that one child (Linux: KiB). The children:
@@ -17,7 +17,9 @@ it for that one child (Linux: KiB). The children:
 - ``variant-deepcopy``: the same variant built as before issue 18 (deep copy of the reference, then quantized in
   place; same backends), for comparison;
 - ``audit``: ``python -m trace_lib audit --model spec --variant V`` (the default dataset, hooks and SAEs) in the
-  cache given (default: a fresh folder with the converted models copied in, so the audit's first run).
+  cache given (default: a fresh folder with the converted models copied in, so the audit's first run);
+- ``where`` (with ``--where``): the same audit run once more inside a child that samples its RSS and call stack
+  every 0.25 s, to say which part of the audit holds the memory at its peak.
 
 Prints one JSON line per measurement with ``peak_rss_bytes``, ``multiple`` (peak / weight bytes) and
 ``multiple_above_imports`` ((peak - imports peak) / weight bytes), then one line of projections for 1B, 8B and
@@ -118,6 +120,50 @@ def child(kind: str, spec: str, variant: str) -> None:
     print("MEMORY " + json.dumps(out), flush=True)
 
 
+def where(argv: list[str]) -> None:
+    """Run ``trace <argv>`` in this process, sampling RSS (psutil) and the main thread's trace_lib call stack
+    every 0.25 s; print the stack at the peak and the largest RSS seen in each phase (what dominates)."""
+    import threading
+    import time
+    import traceback
+
+    import psutil
+
+    proc, main_id, samples, stop = psutil.Process(), threading.main_thread().ident, [], threading.Event()
+
+    def chain() -> list[str]:
+        frames = traceback.extract_stack(sys._current_frames().get(main_id))
+        return [f"{f.filename.rsplit('trace_lib/', 1)[-1]}:{f.name}" for f in frames if "trace_lib" in f.filename]
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not stop.is_set():
+            samples.append((round(time.perf_counter() - t0, 1), proc.memory_info().rss, chain()))
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    from trace_lib.cli import main as cli
+
+    sys.argv = ["trace", *argv]
+    try:
+        cli()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        stop.set()
+        thread.join()
+    peak = max(samples, key=lambda s: s[1])
+    phases: dict[str, dict] = {}  # the two calls below the command's entry (cli/app, cli/audit, audit/session)
+    for t, rss, c in samples:
+        ph = phases.setdefault(" > ".join(c[3:5]) or "(imports, loading)", {"from_s": t, "max_rss_bytes": 0})
+        ph["max_rss_bytes"] = max(ph["max_rss_bytes"], rss)
+        ph["to_s"] = t
+    print("MEMORY " + json.dumps({"peak_at_s": peak[0], "peak_stack": peak[2],
+                                  "phases": [{"phase": k, **v} for k, v in phases.items()]}), flush=True)
+
+
 # ----------------------------------------------------------------------------- parent
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[int, dict, str]:
@@ -153,8 +199,15 @@ def main() -> None:
                                                          "('' for none); skipped with a note if one does not load")
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--cache", default=None, help="TRACE_CACHE for the audit (default: a fresh folder)")
-    ap.add_argument("--child", choices=["imports", "load", "variant", "variant-deepcopy"], help=argparse.SUPPRESS)
+    ap.add_argument("--where", action="store_true", help="also run the audit once more in a sampled process and "
+                                                          "print where its memory goes (psutil needed)")
+    ap.add_argument("--child", choices=["imports", "load", "variant", "variant-deepcopy", "where"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "where":
+        with tempfile.TemporaryDirectory(prefix="trace-mem-out-") as out:
+            where(["audit", "--model", args.model, "--variant", args.variant, "--out", out])
+        return
     if args.child:
         child(args.child, args.model, args.variant)
         return
@@ -190,8 +243,8 @@ def main() -> None:
     if not args.no_audit and args.model in measured:
         cache = Path(args.cache) if args.cache else _fresh_cache()
         out = Path(tempfile.mkdtemp(prefix="trace-mem-out-"))
-        peak, _, _ = _run([sys.executable, "-m", "trace_lib", "audit", "--model", args.model, "--variant",
-                           args.variant, "--out", str(out)], {**env, "TRACE_CACHE": str(cache)})
+        audit = ["audit", "--model", args.model, "--variant", args.variant, "--out", str(out)]
+        peak, _, _ = _run([sys.executable, "-m", "trace_lib", *audit], {**env, "TRACE_CACHE": str(cache)})
         m = measured[args.model]
         measured[args.model]["audit"] = peak
         emit({"benchmark": "memory", "model": args.model, "measurement": "audit", "variant": args.variant,
@@ -199,6 +252,14 @@ def main() -> None:
               "weight_bytes": m["weight_bytes"], "peak_rss_bytes": peak, "multiple": round(peak / m["weight_bytes"], 3),
               "multiple_above_imports": round((peak - base_peak) / m["weight_bytes"], 3),
               "goal": "audit peak <= 2.3 x weight bytes", "met": peak <= 2.3 * m["weight_bytes"], **machine()})
+        if args.where:  # the same audit again, sampled; in a fresh cache again unless --cache was given
+            if not args.cache:
+                shutil.rmtree(cache, ignore_errors=True)
+                cache = _fresh_cache()
+            p, rec, _ = _run([*me, "--child", "where", "--model", args.model, "--variant", args.variant],
+                             {**env, "TRACE_CACHE": str(cache)})
+            emit({"benchmark": "memory", "model": args.model, "measurement": "audit-where", "variant": args.variant,
+                  "peak_rss_bytes": p, **rec})
         if not args.cache:
             shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
