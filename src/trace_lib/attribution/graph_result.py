@@ -166,7 +166,6 @@ def run_graph(model: str, prompt: str, *, variant: str | None = None, target: st
     """The reference's graph, and with ``variant`` the variant's on the same transcoders and targets plus their
     diff; files written to ``out_dir`` (module docstring)."""
     from trace_lib.attribution.graph import MAX_GRAPH_TOKENS, _tokenize, attribute
-    from trace_lib.attribution.graph_diff import graph_diff
     from trace_lib.attribution.graph_targets import _string_ids
     from trace_lib.attribution.replacement import check_family
     from trace_lib.models import load_model
@@ -196,9 +195,7 @@ def run_graph(model: str, prompt: str, *, variant: str | None = None, target: st
     log("attributing the reference's graph")
     g_ref = attribute(loaded, tcs, graph_prompt, targets=spec, max_feature_nodes=max_feature_nodes)
     seconds["reference"] = time.perf_counter() - t0
-    out = Path(out_dir)
-    ref = _side(g_ref, out, "graph-reference", node_threshold, edge_threshold)
-    var = diff = var_model = None
+    g_var = vloaded = None
     if variant is not None:
         from trace_lib.compare import resolve_variant
 
@@ -208,15 +205,34 @@ def run_graph(model: str, prompt: str, *, variant: str | None = None, target: st
         g_var = attribute(vloaded, tcs, g_ref.tokens, targets=g_ref.target_spec(),
                           max_feature_nodes=max_feature_nodes)
         g_var.prompt = g_ref.prompt
+        seconds["variant"] = time.perf_counter() - t0
+    return graph_result(loaded, tcs, g_ref, g_var, prompt=prompt, target_info=target_info, out_dir=out_dir,
+                        transcoder_folder=tc_folder, model_spec=model, variant=variant,
+                        variant_loaded=vloaded, node_threshold=node_threshold, edge_threshold=edge_threshold,
+                        max_feature_nodes=max_feature_nodes, seconds=seconds)
+
+
+def graph_result(loaded, tcs, g_ref, g_var=None, *, prompt: str, target_info: dict, out_dir: str | Path,
+                 transcoder_folder: str = "", model_spec: str = "", variant: str | None = None,
+                 variant_loaded=None, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                 max_feature_nodes: int | None = None, seconds: dict | None = None) -> GraphResult:
+    """Write the graph files of ``g_ref`` (and ``g_var``) into ``out_dir`` and assemble the result."""
+    from trace_lib.attribution.graph_diff import graph_diff
+
+    out = Path(out_dir)
+    ref = _side(g_ref, out, "graph-reference", node_threshold, edge_threshold)
+    var = diff = var_model = None
+    if g_var is not None:
         var = _side(g_var, out, "graph-variant", node_threshold, edge_threshold)
         diff = graph_diff(g_ref, g_var, node_threshold, edge_threshold).to_dict(top=10)
-        var_model = {"name": vloaded.name or variant, "spec": variant, "content_hash": vloaded.content_hash}
-        seconds["variant"] = time.perf_counter() - t0
+        var_model = {"name": getattr(variant_loaded, "name", None) or variant or "variant", "spec": variant,
+                     "content_hash": getattr(variant_loaded, "content_hash", None)}
     return GraphResult(
-        model={"name": loaded.name, "spec": model, "content_hash": loaded.content_hash},
+        model={"name": loaded.name, "spec": model_spec or loaded.name, "content_hash": loaded.content_hash},
         prompt=prompt, tokens=list(g_ref.token_strs), target=target_info,
         targets=[{"label": t.label, "vocab_idx": t.vocab_idx, "weight": t.weight} for t in g_ref.targets],
-        transcoders={"folder": tc_folder, "scan": tcs.scan, "width": tcs[0].d_transcoder, "layers": len(tcs)},
+        transcoders={"folder": transcoder_folder, "scan": tcs.scan, "width": tcs[0].d_transcoder,
+                     "layers": len(tcs)},
         settings={"node_threshold": node_threshold, "edge_threshold": edge_threshold,
-                  "max_feature_nodes": max_feature_nodes, "chat_formatted": target == "refusal"},
-        reference=ref, variant=var, variant_model=var_model, diff=diff, seconds=seconds)
+                  "max_feature_nodes": max_feature_nodes, "chat_formatted": target_info.get("mode") == "refusal"},
+        reference=ref, variant=var, variant_model=var_model, diff=diff, seconds=dict(seconds or {}))
