@@ -90,7 +90,7 @@ def test_manifest_quality_matches_an_independent_computation(data, tmp_path):
         with torch.no_grad():
             a = tc.encode(x)
             y_hat = tc.decode(a, x)
-        x64, y64, yh64 = x.double(), y.double(), y_hat.double()
+        y64, yh64 = y.double(), y_hat.double()
         nmse = float((y64 - yh64).pow(2).sum() / (y64 - y64.mean(0)).pow(2).sum())
         rec = b.manifest["layers"][str(layer)]
         assert rec["tokens"] == len(x) == 8 * 31

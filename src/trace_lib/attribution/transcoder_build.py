@@ -48,7 +48,14 @@ from trace_lib.attribution.transcoder import (
     write_layer_file,
 )
 from trace_lib.attribution.transcoder_train import SPARSITY, fit_transcoder, fold_scales, init_transcoder
-from trace_lib.cache import atomic_write, atomic_write_json, atomic_write_text, cache_root, file_sha256, stable_hash
+from trace_lib.cache import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    cache_root,
+    file_sha256,
+    stable_hash,
+)
 from trace_lib.capture.buffer import token_key
 from trace_lib.capture.registry import register_hook
 from trace_lib.errors import TranscoderError

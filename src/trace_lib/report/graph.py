@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from trace_lib.report.kit import Html, fmt, h, join, kv_table, note, section, table, td_num
 from trace_lib.report.kit import as_dict as _d
 from trace_lib.report.kit import as_list as _l
-from trace_lib.report.kit import Html, fmt, h, join, kv_table, note, section, table, td_num
 from trace_lib.report.kit import num as _num
 
 COLORS = {"kept": "#1b6ca8", "lost": "#c0392b", "new": "#0b8a5f", "logit": "#7a4fa0", "embedding": "#666666",
