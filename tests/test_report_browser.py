@@ -167,3 +167,29 @@ def test_localize_page_loads_clean_with_its_heatmaps_and_tables(localize_page, t
     ids = {a.get("id") for _, a in page.elements}
     assert {"verdict", "components", "atp", "weights", "direction", "models"} <= ids
     assert sum(t == "svg" and "plot" in a.get("class", "") for t, a in page.elements) >= 3
+
+
+@pytest.fixture(scope="module")
+def graph_page(tmp_path_factory) -> Path:
+    from test_graph_cli import tiny_graph_result
+
+    tmp = tmp_path_factory.mktemp("graph-page")
+    return write_html(tiny_graph_result(tmp, prompt="<script>alert(1)</script>"), tmp / "graph.html")
+
+
+def test_graph_page_loads_clean_with_its_svg_and_tables(graph_page, tmp_path):
+    """The trace.graph page: no console message, its script runs to its end, the node-link SVG with nodes and
+    edges, the diff and node tables sortable, the prompt shown as text."""
+    dom, console = chromium(graph_page.as_uri(), tmp_path, "--dump-dom")
+    assert console == [], "console messages:\n" + "\n".join(console)
+    page = Page(dom)
+    root = next(a for t, a in page.elements if t == "html")
+    assert root.get("data-report-js") == "ready", "the page's script did not run to its end"
+    tables = [a for t, a in page.elements if t == "table" and "sortable" in a.get("class", "")]
+    assert tables and all(a.get("data-sortable") == "ready" for a in tables)
+    ids = {a.get("id") for _, a in page.elements}
+    assert {"summary", "graph", "diff", "nodes", "nodes-table", "edges-lost"} <= ids
+    assert any(t == "svg" and "graph" in a.get("class", "") for t, a in page.elements)
+    assert sum(t == "circle" for t, _ in page.elements) >= 3
+    assert "<script>alert(1)</script>" in dom.replace("&lt;", "<").replace("&gt;", ">")
+    assert not any(t == "script" and "alert" in str(a) for t, a in page.elements)

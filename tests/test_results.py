@@ -79,17 +79,19 @@ MAKERS = {"trace.audit": _audit, "trace.sweep": _sweep, "trace.compare": _compar
 # ------------------------------------------------------------------------------------------------ registry
 def test_every_result_kind_is_registered_in_order():
     reg = registered_results()
+    from trace_lib.attribution.graph_result import GraphResult
     from trace_lib.attribution.localize import LocalizeResult
     from trace_lib.repair.result import RepairResult
 
     assert list(reg) == ["trace.audit", "trace.sweep", "trace.compare", "trace.redteam", "trace.localize",
-                         "trace.repair"]
+                         "trace.repair", "trace.graph"]
     assert [reg[k].cls for k in reg] == [AuditResult, SweepResult, CompareResult, RedTeamResult, LocalizeResult,
-                                         RepairResult]
+                                         RepairResult, GraphResult]
     assert all(reg[k].version == 1 and reg[k].cls.RESULT_KIND == k and reg[k].cls.RESULT_VERSION == 1 for k in reg)
     assert list(KINDS) == list(RESULT_MODULES)
     assert KINDS["trace.audit"] == (1, "trace audit") and KINDS["trace.redteam"] == (1, "trace redteam")
     assert KINDS["trace.repair"] == (1, "trace repair")
+    assert KINDS["trace.graph"] == (1, "trace graph")
     assert KINDS["trace.tracer"] == (1, "trace tracer")  # not registered yet: the tracer module's version
     assert lookup_result("trace.tracer") is None and lookup_result("trace.nothing") is None
 

@@ -43,6 +43,7 @@ RESULT_MODULES: dict[str, str] = {
     "trace.redteam": "trace_lib.redteam.redteam",
     "trace.localize": "trace_lib.attribution.localize",
     "trace.repair": "trace_lib.repair.result",
+    "trace.graph": "trace_lib.attribution.graph_result",
     # The tracer's result class registers here once it exists (``@register_result("trace.tracer", 1)`` on
     # ``TracerResult`` in trace_lib/tracer/result.py); until then trace.report.load keeps the tracer's dict.
     "trace.tracer": "trace_lib.tracer.result",

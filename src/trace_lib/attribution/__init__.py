@@ -28,13 +28,14 @@ from trace_lib.attribution.metric import (
 )
 from trace_lib.attribution.patching import PatchResult, PatchRun, activation_patch
 from trace_lib.attribution.transcoder import Transcoder, TranscoderSet, load_transcoder_set
+from trace_lib.attribution.transcoder_build import TranscoderBuild, TranscoderBuildConfig, build_transcoders
 from trace_lib.attribution.transcoder_train import train_transcoders
 from trace_lib.attribution.weights import WeightResult, differing_linears, first_order, weight_attribution
 
 __all__ = ["MAX_GRAPH_TOKENS", "AtPResult", "Component", "CustomTarget", "Decomposition", "Direction", "Gap", "Graph",
            "GraphDiff", "LocalizeResult", "LogitTarget", "Metric", "MetricBatch", "PatchResult", "PatchRun",
-           "PruneResult", "Transcoder", "TranscoderSet", "WeightResult", "activation_patch", "attribute",
-           "attribution_patch", "build_batch", "decompose", "differing_linears", "false_negative_rate", "first_order",
+           "PruneResult", "Transcoder", "TranscoderBuild", "TranscoderBuildConfig", "TranscoderSet", "WeightResult", "activation_patch", "attribute",
+           "attribution_patch", "build_batch", "build_transcoders", "decompose", "differing_linears", "false_negative_rate", "first_order",
            "fit_direction", "gap_interval", "graph_diff", "graph_scores", "graph_to_json", "load_transcoder_set",
            "localize", "logit_difference", "make_batches", "metric_values", "pack_batch", "prune_graph",
            "reference_refusals", "spearman", "train_transcoders", "validate_graph_json", "weight_attribution",

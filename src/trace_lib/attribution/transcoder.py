@@ -209,19 +209,40 @@ class TranscoderSet(nn.Module):
 
         def write(tmp: Path) -> None:
             for i, tc in enumerate(self.layers):
-                tensors = tc.state()
-                for k, t in tensors.items():
-                    if not bool(torch.isfinite(t).all()):
-                        raise TranscoderError(f"refusing to save transcoders: layer {i}'s {k} holds NaN/Inf")
-                save_file({k: t.cpu() for k, t in tensors.items()}, str(tmp / f"layer_{i}.safetensors"))
-            # Flat `key: "string"` lines: valid YAML (a JSON string is a YAML double-quoted scalar).
-            (tmp / CONFIG_FILE).write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()),
-                                           encoding="utf-8")
+                write_layer_file(tc, tmp / layer_file(i))
+            (tmp / CONFIG_FILE).write_text(config_text(cfg), encoding="utf-8")
 
         if folder.exists():
             folder.rmdir()
         atomic_dir(folder, write)
         return folder
+
+
+def layer_file(layer: int) -> str:
+    """The file name of layer ``layer``'s transcoder in circuit-tracer's layout."""
+    return f"layer_{layer}.safetensors"
+
+
+def write_layer_file(tc: Transcoder, path: Path) -> None:
+    """Write one transcoder's tensors (circuit-tracer's layout, :meth:`Transcoder.state`) to ``path``; refuses
+    NaN/Inf. Not atomic by itself: callers write into a temporary (``atomic_dir`` / ``atomic_write``)."""
+    tensors = tc.state()
+    for k, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise TranscoderError(f"refusing to save transcoders: layer {tc.layer}'s {k} holds NaN/Inf")
+    save_file({k: t.cpu() for k, t in tensors.items()}, str(path))
+
+
+def config_text(cfg: Mapping[str, str]) -> str:
+    """``config.yaml`` as flat ``key: "string"`` lines: valid YAML (a JSON string is a YAML double-quoted
+    scalar) that :func:`load_transcoder_set` reads without PyYAML."""
+    return "".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items())
+
+
+def set_config(scan: str) -> dict[str, str]:
+    """The ``config.yaml`` mapping of a trace transcoder set named ``scan``."""
+    return {"model_kind": "transcoder_set", "feature_input_hook": INPUT_HOOKS[0],
+            "feature_output_hook": OUTPUT_HOOKS[0], "scan": scan}
 
 
 def _read_flat(path: Path, text: str) -> dict:

@@ -29,7 +29,7 @@ This trainer is meant for small models and tests (it holds every layer's pairs i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -80,40 +80,41 @@ def _token_ids(loaded, texts: Sequence[str] | torch.Tensor, seq_len: int, max_se
     return pack_texts(loaded.tokenizer, list(texts), seq_len, max_sequences)
 
 
-def _scale(t: torch.Tensor) -> float:
+def scale_factor(t: torch.Tensor) -> float:
+    """``sqrt(d) / mean_i ||t_i||``: scales rows to mean norm ``sqrt(d)`` (the SAE trainer's normalisation)."""
     mean_norm = t.double().norm(dim=1).mean().item()
     return math.sqrt(t.shape[1]) / mean_norm if mean_norm > 0 else 1.0
 
 
-def _train_layer(x: torch.Tensor, y: torch.Tensor, layer: int, d_tc: int, activation: str, skip: bool,
-                 sparsity: str, coefficient: float, tanh_scale: float, steps: int, batch_size: int, lr: float,
-                 seed: int, device: torch.device, bandwidth: float = 0.05) -> tuple[Transcoder, dict]:
-    d = x.shape[1]
-    s_in, s_out = _scale(x), _scale(y)
-    xs, ys = (x * s_in).to(device), (y * s_out).to(device)
+def init_transcoder(d: int, d_tc: int, layer: int, activation: str, skip: bool, seed: int, b_dec: torch.Tensor,
+                    device: torch.device) -> tuple[Transcoder, torch.nn.Parameter | None]:
+    """A seeded fresh transcoder (in scaled units): unit-direction decoder rows of norm 0.1, encoder
+    ``N(0, 1/d)``, ``b_dec`` the mean target; with JumpReLU also its log-thresholds (log 0.1)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
     tc = Transcoder(d, d_tc, layer, activation, skip).to(device)
     with torch.no_grad():
         w_dec = torch.randn(d_tc, d, generator=g)
         tc.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True) * 0.1)
         tc.W_enc.copy_(torch.randn(d, d_tc, generator=g) / math.sqrt(d))
-        tc.b_dec.copy_(ys.mean(0))
-    params = [tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec] + ([tc.W_skip] if skip else [])
+        tc.b_dec.copy_(b_dec)
     log_thr = None
     if activation == "jumprelu":
         log_thr = torch.nn.Parameter(torch.full((d_tc,), math.log(0.1), device=device))
+    return tc, log_thr
+
+
+def fit_transcoder(tc: Transcoder, log_thr: torch.nn.Parameter | None,
+                   batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, *, sparsity: str,
+                   coefficient: float, tanh_scale: float, lr: float, bandwidth: float = 0.05) -> None:
+    """``steps`` Adam steps on ``(x, y)`` batches already in scaled units (module docstring for the loss and
+    schedule); shared by the in-memory trainer and the streaming builder."""
+    params = [tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec] + ([tc.W_skip] if tc.has_skip else [])
+    if log_thr is not None:
         params.append(log_thr)
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     warm, decay = max(1, steps // 20), max(1, steps // 5)
-    order = torch.Generator().manual_seed(seed + 7919 * (layer + 1))
-    perm = torch.randperm(len(xs), generator=order)
-    cursor = 0
     for step in range(steps):
-        if cursor + batch_size > len(perm):
-            perm, cursor = torch.randperm(len(xs), generator=order), 0
-        idx = perm[cursor:cursor + batch_size].to(device)
-        cursor += batch_size
-        xb, yb = xs[idx], ys[idx]
+        xb, yb = next(batches)
         pre = tc.pre(xb)
         if log_thr is not None:
             a = JumpReLU.apply(pre, torch.exp(log_thr), bandwidth)
@@ -135,15 +136,42 @@ def _train_layer(x: torch.Tensor, y: torch.Tensor, layer: int, d_tc: int, activa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-    with torch.no_grad():  # fold the scales: the transcoder works on raw activations
-        tc.W_enc.mul_(s_in)
-        tc.W_dec.div_(s_out)
-        tc.b_dec.div_(s_out)
-        if skip:
-            tc.W_skip.mul_(s_in / s_out)
-        if log_thr is not None:
-            tc.threshold.copy_(torch.exp(log_thr))
-    tc = tc.cpu()
+
+
+@torch.no_grad()
+def fold_scales(tc: Transcoder, log_thr: torch.nn.Parameter | None, s_in: float, s_out: float) -> Transcoder:
+    """Fold the training scales into the weights (the result works on raw activations); CPU copy."""
+    tc.W_enc.mul_(s_in)
+    tc.W_dec.div_(s_out)
+    tc.b_dec.div_(s_out)
+    if tc.has_skip:
+        tc.W_skip.mul_(s_in / s_out)
+    if log_thr is not None:
+        tc.threshold.copy_(torch.exp(log_thr))
+    return tc.cpu()
+
+
+def _train_layer(x: torch.Tensor, y: torch.Tensor, layer: int, d_tc: int, activation: str, skip: bool,
+                 sparsity: str, coefficient: float, tanh_scale: float, steps: int, batch_size: int, lr: float,
+                 seed: int, device: torch.device, bandwidth: float = 0.05) -> tuple[Transcoder, dict]:
+    d = x.shape[1]
+    s_in, s_out = scale_factor(x), scale_factor(y)
+    xs, ys = (x * s_in).to(device), (y * s_out).to(device)
+    tc, log_thr = init_transcoder(d, d_tc, layer, activation, skip, seed, ys.mean(0), device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.Generator().manual_seed(seed + 7919 * (layer + 1))
+        perm, cursor = torch.randperm(len(xs), generator=order), 0
+        while True:
+            if cursor + batch_size > len(perm):
+                perm, cursor = torch.randperm(len(xs), generator=order), 0
+            idx = perm[cursor:cursor + batch_size].to(device)
+            cursor += batch_size
+            yield xs[idx], ys[idx]
+
+    fit_transcoder(tc, log_thr, batches(), steps, sparsity=sparsity, coefficient=coefficient,
+                   tanh_scale=tanh_scale, lr=lr, bandwidth=bandwidth)
+    tc = fold_scales(tc, log_thr, s_in, s_out)
     return tc, transcoder_fit(tc, x, y)
 
 

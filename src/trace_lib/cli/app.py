@@ -57,6 +57,7 @@ def version() -> None:
 def _register() -> None:
     from trace_lib.cli.audit import audit_command
     from trace_lib.cli.compare import compare_command
+    from trace_lib.cli.graph import graph_app
     from trace_lib.cli.localize import localize_command
     from trace_lib.cli.organism import organism_app
     from trace_lib.cli.redteam import redteam_command
@@ -72,6 +73,7 @@ def _register() -> None:
         app.command(name)(fn)
     app.add_typer(organism_app, name="organism")
     app.add_typer(sae_app, name="sae")
+    app.add_typer(graph_app, name="graph")
 
 
 _register()

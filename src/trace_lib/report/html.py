@@ -5,7 +5,7 @@
 
 This module only dispatches: one body module per result kind (:mod:`~trace_lib.report.audit`,
 :mod:`~trace_lib.report.sweep`, :mod:`~trace_lib.report.compare`, :mod:`~trace_lib.report.redteam`,
-:mod:`~trace_lib.report.tracer`, :mod:`~trace_lib.report.localize`) makes the sections, title and subtitle, and :func:`trace_lib.report.kit.page`
+:mod:`~trace_lib.report.tracer`, :mod:`~trace_lib.report.localize`, :mod:`~trace_lib.report.graph`) makes the sections, title and subtitle, and :func:`trace_lib.report.kit.page`
 wraps them in the self-contained page shell (see :mod:`trace_lib.report.kit` for escaping and the CSP).
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from trace_lib.cache import atomic_write_text
 from trace_lib.report.audit import audit_body
 from trace_lib.report.compare import compare_body
+from trace_lib.report.graph import graph_body
 from trace_lib.report.kit import page
 from trace_lib.report.load import load_result, result_kind
 from trace_lib.report.localize import localize_body
@@ -30,7 +31,7 @@ from trace_lib.report.tracer import tracer_body
 BODIES: dict[str, Callable[..., tuple[list, list, str, str]]] = {
     "trace.audit": audit_body, "trace.sweep": sweep_body, "trace.compare": compare_body,
     "trace.redteam": redteam_body, "trace.tracer": tracer_body, "trace.localize": localize_body,
-    "trace.repair": repair_body}
+    "trace.repair": repair_body, "trace.graph": graph_body}
 
 
 def render_html(result: Any, *, min_cpfr: float | None = None) -> str:
