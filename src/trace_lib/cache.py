@@ -152,3 +152,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_manifest_files(folder: Path, files: dict[str, str], what: str, fix: str,
+                         error: type[Exception]) -> None:
+    """``error`` unless every ``folder/rel`` of ``files`` ({rel: sha256}, a manifest's record) is present with that
+    sha256; the message names the ``what`` file and how to ``fix`` it."""
+    for rel, digest in sorted(files.items()):
+        path = Path(folder) / rel
+        if not path.is_file():
+            raise error(f"{what} {path} is missing; {fix}")
+        if file_sha256(path) != digest:
+            raise error(f"{what} {path} fails its checksum; {fix}")

@@ -53,6 +53,7 @@ from trace_lib.cache import (
     atomic_write_json,
     atomic_write_text,
     cache_root,
+    check_manifest_files,
     file_sha256,
     stable_hash,
 )
@@ -129,13 +130,8 @@ class TranscoderBuild:
 
     def verify(self) -> None:
         """TranscoderError unless every file the manifest lists is present with its sha256."""
-        for rel, digest in sorted(self.manifest.get("files", {}).items()):
-            path = self.folder / rel
-            if not path.is_file():
-                raise TranscoderError(f"transcoder file {path} is missing; rebuild with `{self.build_command}`")
-            if file_sha256(path) != digest:
-                raise TranscoderError(f"transcoder file {path} fails its checksum; rebuild with "
-                                      f"`{self.build_command}`")
+        check_manifest_files(self.folder, self.manifest.get("files", {}), "transcoder file",
+                             f"rebuild with `{self.build_command}`", TranscoderError)
 
     def load(self, device: str | torch.device = "cpu") -> TranscoderSet:
         self.verify()

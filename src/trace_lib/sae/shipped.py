@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trace_lib.cache import atomic_write_json, file_sha256
+from trace_lib.cache import atomic_write_json, check_manifest_files, file_sha256
 from trace_lib.errors import SAEError
 from trace_lib.sae.io import load_sae, save_sae
 from trace_lib.sae.model import SAE
@@ -71,13 +71,8 @@ class SAEPack:
         if not files:
             raise SAEError(f"the SAE pack at {self.folder} lists no files for {hook}; rebuild it with "
                            f"`{self.build_command}`")
-        for rel, digest in sorted(files.items()):
-            path = self.folder / rel
-            if not path.is_file():
-                raise SAEError(f"shipped SAE file {path} is missing; rebuild the pack with `{self.build_command}`")
-            if file_sha256(path) != digest:
-                raise SAEError(f"shipped SAE file {path} fails its checksum; rebuild the pack with "
-                               f"`{self.build_command}` (or retrain with --retrain-saes)")
+        check_manifest_files(self.folder, files, "shipped SAE file", f"rebuild the pack with `{self.build_command}` "
+                             "(or retrain with --retrain-saes)", SAEError)
 
 
 def read_pack(folder: str | Path) -> SAEPack:
